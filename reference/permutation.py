@@ -1,0 +1,301 @@
+"""Permutation symmetries as data.
+
+``PermutationSpec`` says which permutation *groups* a network has and, for every parameter or
+buffer key, which group acts on each axis (``None`` where none does). ``Permutation`` maps each
+group to an index tensor. Applying P reindexes every axis a group acts on:
+``P(θ)[k] = θ[k].index_select(axis, p[group])``, i.e. new unit ``i`` is old unit ``p[i]``.
+
+Composition follows function notation: ``(P ∘ Q)(θ) = P(Q(θ))``; its index for a group is
+``q[p]``. The identity is ``arange``, the inverse ``argsort``.
+
+Some normalisations restrict the group: GroupNorm with ``g`` groups over ``C`` channels computes the
+same function only under permutations that map each contiguous block of ``C/g`` channels onto a
+block. Such a group carries ``blocks[group] = C/g``; random permutations and matching respect it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .params import Params
+
+__all__ = ["PermutationSpec", "Permutation"]
+
+
+@dataclass(frozen=True)
+class PermutationSpec:
+    """For every key, the group acting on each axis; the shapes it was built for.
+
+    Validated on construction: every key has one entry per axis, every axis a group touches has
+    the same size, every group's block size divides its size.
+    """
+
+    axes: Mapping[str, tuple[str | None, ...]]
+    shapes: Mapping[str, tuple[int, ...]]
+    blocks: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        axes = {k: tuple(v) for k, v in self.axes.items()}
+        shapes = {k: tuple(int(s) for s in v) for k, v in self.shapes.items()}
+        object.__setattr__(self, "axes", axes)
+        object.__setattr__(self, "shapes", shapes)
+        object.__setattr__(self, "blocks", dict(self.blocks))
+        if set(axes) != set(shapes):
+            missing = sorted(set(shapes) - set(axes))
+            extra = sorted(set(axes) - set(shapes))
+            raise ValueError(f"spec keys and shapes differ: no axes for {missing}, no shape for {extra}")
+        sizes: dict[str, tuple[int, str, int]] = {}
+        for k, groups in axes.items():
+            if len(groups) != len(shapes[k]):
+                raise ValueError(
+                    f"key {k!r}: {len(groups)} axis entries {groups} for a tensor of shape {shapes[k]}"
+                )
+            for ax, g in enumerate(groups):
+                if g is None:
+                    continue
+                if not isinstance(g, str):
+                    raise TypeError(f"key {k!r}: group names must be str or None, got {g!r}")
+                n = shapes[k][ax]
+                if g in sizes and sizes[g][0] != n:
+                    n0, k0, ax0 = sizes[g]
+                    raise ValueError(
+                        f"group {g!r} acts on axes of different sizes: {k0!r} axis {ax0} has {n0}, "
+                        f"{k!r} axis {ax} has {n}"
+                    )
+                sizes.setdefault(g, (n, k, ax))
+        for g, b in self.blocks.items():
+            if g not in sizes:
+                raise ValueError(f"block size given for unknown group {g!r}")
+            if b < 1 or sizes[g][0] % b:
+                raise ValueError(f"group {g!r}: block size {b} does not divide its size {sizes[g][0]}")
+
+    @classmethod
+    def from_params(
+        cls,
+        axes: Mapping[str, tuple[str | None, ...]],
+        params: Mapping[str, Tensor],
+        blocks: Mapping[str, int] | None = None,
+    ) -> PermutationSpec:
+        """Build a spec for ``params``; every key of ``params`` must be named in ``axes``."""
+        missing = sorted(set(params) - set(axes))
+        extra = sorted(set(axes) - set(params))
+        if missing or extra:
+            raise ValueError(f"spec does not cover the parameters: missing keys {missing}, unknown keys {extra}")
+        return cls(axes, {k: tuple(v.shape) for k, v in params.items()}, blocks or {})
+
+    @property
+    def groups(self) -> dict[str, list[tuple[str, int]]]:
+        """group → [(key, axis), ...] in key order (derived, never stored)."""
+        out: dict[str, list[tuple[str, int]]] = {}
+        for k, gs in self.axes.items():
+            for ax, g in enumerate(gs):
+                if g is not None:
+                    out.setdefault(g, []).append((k, ax))
+        return out
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {g: self.shapes[k][ax] for g, ((k, ax), *_) in self.groups.items()}
+
+    def block(self, group: str) -> int:
+        return self.blocks.get(group, 1)
+
+    def check_params(self, params: Mapping[str, Tensor], batch_dims: int = 0) -> None:
+        """Raise ``ValueError`` if ``params`` is not a point of this architecture."""
+        missing = sorted(set(self.shapes) - set(params))
+        extra = sorted(set(params) - set(self.shapes))
+        if missing or extra:
+            raise ValueError(
+                f"parameters do not fit the spec: missing keys {missing[:5]}, unexpected keys {extra[:5]}"
+            )
+        for k, shape in self.shapes.items():
+            got = tuple(params[k].shape[batch_dims:])
+            if got != shape:
+                raise ValueError(f"key {k!r}: shape {got} does not match the spec's {shape}")
+
+    def canonical(self) -> PermutationSpec:
+        """The same spec with groups renamed ``g0, g1, ...`` by first appearance in sorted key order.
+
+        Two specs describe the same symmetry iff their canonical forms are equal.
+        """
+        names: dict[str, str] = {}
+        for k in sorted(self.axes):
+            for g in self.axes[k]:
+                if g is not None and g not in names:
+                    names[g] = f"g{len(names)}"
+        axes = {k: tuple(None if g is None else names[g] for g in self.axes[k]) for k in sorted(self.axes)}
+        shapes = {k: self.shapes[k] for k in sorted(self.shapes)}
+        blocks = {names[g]: b for g, b in self.blocks.items() if b != 1}
+        return PermutationSpec(axes, shapes, blocks)
+
+    def same_symmetry(self, other: PermutationSpec) -> bool:
+        a, b = self.canonical(), other.canonical()
+        return a.axes == b.axes and a.shapes == b.shapes and dict(a.blocks) == dict(b.blocks)
+
+
+def _check_index(group: str, idx: Tensor, n: int | None, block: int = 1) -> Tensor:
+    if not isinstance(idx, Tensor):
+        idx = torch.as_tensor(idx)
+    if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"group {group!r}: permutation index must be an integer tensor, got {idx.dtype}")
+    idx = idx.to(torch.long)
+    if idx.ndim != 1:
+        raise ValueError(f"group {group!r}: permutation index must be 1-D, got shape {tuple(idx.shape)}")
+    if n is not None and idx.numel() != n:
+        raise ValueError(f"group {group!r}: permutation has length {idx.numel()}, the group has size {n}")
+    m = idx.numel()
+    if m and (int(idx.min()) < 0 or int(idx.max()) >= m):
+        raise ValueError(f"group {group!r}: index values must lie in [0, {m}), got [{int(idx.min())}, {int(idx.max())}]")
+    counts = torch.bincount(idx.cpu(), minlength=m)
+    if bool((counts != 1).any()):
+        dup = torch.nonzero(counts > 1).flatten()[:5].tolist()
+        raise ValueError(f"group {group!r}: not a bijection; values repeated: {dup}")
+    if block > 1:
+        blocks = idx.cpu().view(-1, block) // block
+        if bool((blocks != blocks[:, :1]).any()):
+            raise ValueError(f"group {group!r}: permutation does not map blocks of {block} channels onto blocks")
+    return idx
+
+
+class Permutation:
+    """A map group → LongTensor index (a bijection of ``range(size)``); immutable."""
+
+    __slots__ = ("_p",)
+
+    def __init__(self, perms: Mapping[str, Tensor], spec: PermutationSpec | None = None):
+        sizes = spec.sizes if spec is not None else {}
+        if spec is not None:
+            missing = sorted(set(sizes) - set(perms))
+            extra = sorted(set(perms) - set(sizes))
+            if missing or extra:
+                raise ValueError(f"permutation groups do not fit the spec: missing {missing}, unknown {extra}")
+        self._p = {
+            g: _check_index(g, v, sizes.get(g), spec.block(g) if spec is not None else 1)
+            for g, v in perms.items()
+        }
+
+    # --- construction ---------------------------------------------------------------------
+    @classmethod
+    def identity(cls, spec: PermutationSpec) -> Permutation:
+        return cls({g: torch.arange(n) for g, n in spec.sizes.items()}, spec)
+
+    @classmethod
+    def random(cls, spec: PermutationSpec, generator: torch.Generator | int | None = None) -> Permutation:
+        if isinstance(generator, int):
+            generator = torch.Generator().manual_seed(generator)
+        out = {}
+        for g, n in spec.sizes.items():
+            b = spec.block(g)
+            outer = torch.randperm(n // b, generator=generator)
+            inner = torch.stack([torch.randperm(b, generator=generator) for _ in range(n // b)])
+            out[g] = (outer[:, None] * b + inner).reshape(-1)
+        return cls(out, spec)
+
+    # --- mapping interface ----------------------------------------------------------------
+    def __getitem__(self, group: str) -> Tensor:
+        return self._p[group]
+
+    def __iter__(self):
+        return iter(self._p)
+
+    def __len__(self) -> int:
+        return len(self._p)
+
+    def keys(self):
+        return self._p.keys()
+
+    def items(self):
+        return self._p.items()
+
+    def to_dict(self) -> dict[str, Tensor]:
+        return {g: v.clone() for g, v in self._p.items()}
+
+    def __repr__(self) -> str:
+        body = ", ".join(f"{g}: {len(v)}" for g, v in self._p.items())
+        return f"Permutation({{{body}}})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Permutation):
+            return NotImplemented
+        return set(self._p) == set(other._p) and all(torch.equal(self._p[g], other._p[g]) for g in self._p)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # --- group operations -----------------------------------------------------------------
+    def _same_groups(self, other: Permutation) -> None:
+        if set(self._p) != set(other._p):
+            raise ValueError(f"permutations over different groups: {sorted(self._p)} vs {sorted(other._p)}")
+        for g in self._p:
+            if len(self._p[g]) != len(other._p[g]):
+                raise ValueError(f"group {g!r}: sizes differ ({len(self._p[g])} vs {len(other._p[g])})")
+
+    def compose(self, other: Permutation) -> Permutation:
+        """``self ∘ other``: applying the result equals applying ``other`` then ``self``."""
+        self._same_groups(other)
+        return Permutation({g: other._p[g][self._p[g]] for g in self._p})
+
+    def __matmul__(self, other: Permutation) -> Permutation:
+        return self.compose(other)
+
+    def inverse(self) -> Permutation:
+        return Permutation({g: torch.argsort(v) for g, v in self._p.items()})
+
+    def is_identity(self) -> bool:
+        return all(torch.equal(v, torch.arange(len(v))) for v in self._p.values())
+
+    def num_moved(self) -> dict[str, int]:
+        """Units not mapped to themselves, per group."""
+        return {g: int((v != torch.arange(len(v))).sum()) for g, v in self._p.items()}
+
+    # --- action on parameters -------------------------------------------------------------
+    def apply(self, spec: PermutationSpec, params: Mapping[str, Tensor], batch_dims: int = 0) -> Params:
+        """P(θ) as a new dict; ``params`` is untouched. ``batch_dims`` leading dims are left alone."""
+        spec.check_params(params, batch_dims=batch_dims)
+        missing = sorted(set(spec.sizes) - set(self._p))
+        if missing:
+            raise ValueError(f"permutation lacks groups {missing} of the spec")
+        out: Params = {}
+        for k, v in params.items():
+            w = v
+            for ax, g in enumerate(spec.axes[k]):
+                if g is not None:
+                    w = w.index_select(ax + batch_dims, self._p[g].to(w.device))
+            out[k] = w if w is not v else v.clone()
+        return out
+
+    def __call__(self, spec: PermutationSpec, params: Mapping[str, Tensor]) -> Params:
+        return self.apply(spec, params)
+
+    # --- persistence ----------------------------------------------------------------------
+    def save(self, path: str | Path) -> None:
+        """Atomic write of ``{group: index}`` (``torch.save``; load with ``weights_only=True``)."""
+        from .checkpoint import atomic_torch_save
+
+        atomic_torch_save({"format": "modeconn.permutation/1", "perm": self.to_dict()}, Path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, spec: PermutationSpec | None = None) -> Permutation:
+        from .checkpoint import safe_torch_load
+
+        obj = safe_torch_load(Path(path))
+        if not isinstance(obj, dict) or obj.get("format") != "modeconn.permutation/1":
+            raise ValueError(f"{path}: not a saved Permutation")
+        return cls(obj["perm"], spec)
+
+    def to_json(self) -> str:
+        return json.dumps({g: v.tolist() for g, v in self._p.items()})
+
+    @classmethod
+    def from_json(cls, text: str, spec: PermutationSpec | None = None) -> Permutation:
+        return cls({g: torch.tensor(v, dtype=torch.long) for g, v in json.loads(text).items()}, spec)
+
+
+def permutable_keys(spec: PermutationSpec) -> list[str]:
+    """Floating keys a permutation acts on (others are left unchanged)."""
+    return [k for k, gs in spec.axes.items() if any(g is not None for g in gs)]
