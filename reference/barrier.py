@@ -1,0 +1,129 @@
+"""Barriers along a path, each definition named explicitly.
+
+For a path φ with φ(0) = θ₁, φ(1) = θ₂ evaluated on a grid t₀ = 0 < … < t_{G−1} = 1 of a metric v
+(loss or error, on a named split):
+
+- ``max_chord``: maxₜ v(φ(t)) − [(1 − t) v(θ₁) + t v(θ₂)]
+  (Frankle et al. 2020; Entezari et al. 2022, Eq. 1). Lower bound: 0, attained at the endpoints.
+- ``mid``: maxₜ v(φ(t)) − ½ (v(θ₁) + v(θ₂))  (Ainsworth et al. 2023, Definition 2.2 for loss).
+  Lower bound: ½ |v(θ₁) − v(θ₂)|, the gap of the worse endpoint itself.
+
+Every result records its definition, metric, split and grid size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .evaluate import evaluate_points
+from .params import combine_batch
+
+__all__ = [
+    "BARRIER_KINDS",
+    "Barrier",
+    "barrier",
+    "barrier_lower_bound",
+    "PathEval",
+    "linear_path",
+    "evaluate_path",
+]
+
+BARRIER_KINDS = ("max_chord", "mid")
+
+
+@dataclass(frozen=True)
+class Barrier:
+    value: float
+    t_max: float
+    kind: str
+    metric: str
+    split: str
+    grid_size: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_grid(t: Tensor, v: Tensor) -> None:
+    if t.ndim != 1 or v.shape != t.shape:
+        raise ValueError(f"t and values must be 1-D of one length, got {tuple(t.shape)} and {tuple(v.shape)}")
+    if t.numel() < 2:
+        raise ValueError("a barrier needs at least the two endpoints")
+    if float(t[0]) != 0.0 or float(t[-1]) != 1.0:
+        raise ValueError(f"the grid must start at t=0 and end at t=1, got {float(t[0])} … {float(t[-1])}")
+    if bool((t[1:] <= t[:-1]).any()):
+        raise ValueError("the grid must be strictly increasing")
+
+
+def barrier(
+    values: Tensor, t: Tensor, kind: str = "max_chord", *, metric: str = "loss", split: str = "train"
+) -> Barrier:
+    """Barrier of ``values`` [G] on grid ``t`` [G] by definition ``kind`` (see module docstring)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64)
+    _check_grid(t, values)
+    v0, v1 = values[0], values[-1]
+    if kind == "max_chord":
+        gap = values - ((1 - t) * v0 + t * v1)
+    elif kind == "mid":
+        gap = values - 0.5 * (v0 + v1)
+    else:
+        raise ValueError(f"unknown barrier kind {kind!r}; known: {BARRIER_KINDS}")
+    i = int(torch.argmax(gap))
+    return Barrier(float(gap[i]), float(t[i]), kind, metric, split, int(t.numel()))
+
+
+def barrier_lower_bound(values: Tensor, kind: str) -> float:
+    """The least value ``barrier`` can return for these endpoint values (documented above)."""
+    values = torch.as_tensor(values, dtype=torch.float64)
+    if kind == "max_chord":
+        return 0.0
+    if kind == "mid":
+        return float(0.5 * (values[0] - values[-1]).abs())
+    raise ValueError(f"unknown barrier kind {kind!r}; known: {BARRIER_KINDS}")
+
+
+@dataclass(frozen=True)
+class PathEval:
+    """Loss and error along a path on each split: ``curves[split] = {"loss": [G], "error": [G]}``."""
+
+    t: Tensor
+    curves: dict[str, dict[str, Tensor]]
+
+    def barriers(self, kinds: tuple[str, ...] = BARRIER_KINDS) -> list[Barrier]:
+        return [
+            barrier(vals, self.t, kind, metric=metric, split=split)
+            for split, per in self.curves.items()
+            for metric, vals in per.items()
+            for kind in kinds
+        ]
+
+    def barrier_table(self, kinds: tuple[str, ...] = BARRIER_KINDS) -> dict[str, float]:
+        """``{"<split>_<metric>_<kind>": value}``, e.g. ``train_loss_max_chord``."""
+        return {f"{b.split}_{b.metric}_{b.kind}": b.value for b in self.barriers(kinds)}
+
+
+def linear_path(a: Mapping[str, Tensor], b: Mapping[str, Tensor], num_points: int) -> tuple[Tensor, dict]:
+    """The grid t = linspace(0, 1, G) and the stacked points (1 − t) a + t b."""
+    t = torch.linspace(0, 1, num_points, dtype=torch.float64)
+    coeffs = torch.stack([1 - t, t], dim=1)
+    return t, combine_batch(coeffs, [a, b])
+
+
+def evaluate_path(
+    model: nn.Module,
+    t: Tensor,
+    stacked: Mapping[str, Tensor],
+    splits: Mapping[str, tuple[Tensor, Tensor]],
+    **eval_kwargs,
+) -> PathEval:
+    """Evaluate the G stacked path points on every split in one vmapped pass per split."""
+    curves = {}
+    for name, (x, y) in splits.items():
+        m = evaluate_points(model, stacked, x, y, **eval_kwargs)
+        curves[name] = {"loss": m.loss, "error": m.error}
+    return PathEval(t=torch.as_tensor(t, dtype=torch.float64), curves=curves)

@@ -1,0 +1,244 @@
+"""Batched evaluation of K parameter points, and the metrics of this suite.
+
+K points (interpolation grids, curve points, simplex samples, ensemble members) are stacked along a
+leading dimension and evaluated by ``vmap(functional_call)`` in chunks of ``chunk_size`` points and
+``batch_size`` inputs. All points are evaluated in the same mode (eval by default: BatchNorm uses
+the running statistics stored in each point; recompute them first where they are invalid, e.g. at
+an interpolated point).
+
+Metrics, all on probabilities ``[N, C]`` (or ``[K, N, C]`` for K points):
+- cross-entropy / NLL ``−mean log p(y|x)``;
+- accuracy and error;
+- ECE with ``n_bins`` equal-width confidence bins (Guo et al. 2017, Eq. 3);
+- AUROC, one-vs-rest macro average (as ``sklearn.metrics.roc_auc_score(multi_class="ovr")``),
+  computed with the Mann–Whitney rank statistic, ties averaged;
+- ensemble metrics of the members' averaged probabilities.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from .params import Params
+
+__all__ = [
+    "PointMetrics",
+    "default_chunk_size",
+    "predict_logits",
+    "evaluate_points",
+    "accuracy",
+    "nll",
+    "ece",
+    "auroc_ovr",
+    "ensemble_metrics",
+    "all_metrics",
+]
+
+# Points per vmapped call, measured by bench/bench_evaluate.py (README): on 2 CPU cores a plain loop
+# is as fast as vmap for large models, so CPU evaluates a few points per call; a GPU takes many.
+_CHUNK = {"cpu": 8, "cuda": 64}
+
+
+def default_chunk_size(device: torch.device | str) -> int:
+    return _CHUNK.get(torch.device(device).type, 8)
+
+
+def _leading(stacked: Mapping[str, Tensor]) -> int:
+    sizes = {v.shape[0] for v in stacked.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"stacked params have inconsistent leading sizes {sorted(sizes)}")
+    return sizes.pop()
+
+
+@torch.no_grad()
+def predict_logits(
+    model: nn.Module,
+    stacked: Mapping[str, Tensor],
+    x: Tensor,
+    *,
+    chunk_size: int | None = None,
+    batch_size: int = 4096,
+    train_mode: bool = False,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Logits ``[K, N, C]`` of K stacked points on inputs ``x`` (one vmapped call per chunk).
+
+    ``train_mode=True`` evaluates with batch statistics (BatchNorm); running statistics of the
+    given points are not modified (buffers are cloned per call).
+    """
+    dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
+    K = _leading(stacked)
+    chunk = chunk_size or default_chunk_size(dev)
+    was_training = model.training
+    model.train(train_mode)
+    model.to(dev)
+
+    def f(p: Params, xb: Tensor) -> Tensor:
+        return functional_call(model, p, (xb,))
+
+    fv = vmap(f, in_dims=(0, None))
+    outs = []
+    try:
+        for s in range(0, K, chunk):
+            part = {k: v[s : s + chunk].to(dev) for k, v in stacked.items()}
+            if train_mode:
+                part = {k: v.clone() for k, v in part.items()}
+            rows = []
+            for b in range(0, x.shape[0], batch_size):
+                xb = x[b : b + batch_size].to(dev)
+                rows.append(fv(part, xb))
+            outs.append(torch.cat(rows, dim=1))
+    finally:
+        model.train(was_training)
+    return torch.cat(outs, dim=0)
+
+
+@dataclass(frozen=True)
+class PointMetrics:
+    """Per-point loss and error, each a CPU tensor ``[K]``."""
+
+    loss: Tensor
+    error: Tensor
+
+    @property
+    def accuracy(self) -> Tensor:
+        return 1.0 - self.error
+
+
+@torch.no_grad()
+def evaluate_points(
+    model: nn.Module,
+    stacked: Mapping[str, Tensor],
+    x: Tensor,
+    y: Tensor,
+    *,
+    chunk_size: int | None = None,
+    batch_size: int = 4096,
+    train_mode: bool = False,
+    device: torch.device | str | None = None,
+) -> PointMetrics:
+    """Mean cross-entropy and error of each of K stacked points on ``(x, y)``.
+
+    Reduces per data batch, so memory is O(chunk · batch) whatever N is.
+    """
+    dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
+    K = _leading(stacked)
+    chunk = chunk_size or default_chunk_size(dev)
+    was_training = model.training
+    model.train(train_mode)
+    model.to(dev)
+    fv = vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
+    loss = torch.zeros(K, dtype=torch.float64)
+    wrong = torch.zeros(K, dtype=torch.float64)
+    N = x.shape[0]
+    try:
+        for s in range(0, K, chunk):
+            part = {k: v[s : s + chunk].to(dev) for k, v in stacked.items()}
+            if train_mode:
+                part = {k: v.clone() for k, v in part.items()}
+            k_here = next(iter(part.values())).shape[0]
+            for b in range(0, N, batch_size):
+                xb = x[b : b + batch_size].to(dev)
+                yb = y[b : b + batch_size].to(dev)
+                logits = fv(part, xb)  # [k, B, C]
+                ce = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), yb.repeat(k_here), reduction="none"
+                ).view(k_here, -1)
+                loss[s : s + k_here] += ce.sum(1).double().cpu()
+                wrong[s : s + k_here] += (logits.argmax(-1) != yb).sum(1).double().cpu()
+    finally:
+        model.train(was_training)
+    return PointMetrics(loss=(loss / N).float(), error=(wrong / N).float())
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics on probabilities
+
+
+def _check_probs(probs: Tensor, y: Tensor) -> None:
+    if probs.ndim != 2:
+        raise ValueError(f"probabilities must be [N, C], got shape {tuple(probs.shape)}")
+    if y.ndim != 1 or y.shape[0] != probs.shape[0]:
+        raise ValueError(f"labels of shape {tuple(y.shape)} do not match probabilities {tuple(probs.shape)}")
+
+
+def nll(probs: Tensor, y: Tensor, eps: float = 1e-12) -> float:
+    """Negative log-likelihood −mean log p(yᵢ|xᵢ) (= cross-entropy of probabilities)."""
+    _check_probs(probs, y)
+    p = probs.double().gather(1, y.long().view(-1, 1)).clamp_min(eps)
+    return float(-p.log().mean())
+
+
+def accuracy(probs: Tensor, y: Tensor) -> float:
+    _check_probs(probs, y)
+    return float((probs.argmax(1) == y).double().mean())
+
+
+def ece(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error: Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|, equal-width bins on (0, 1]."""
+    _check_probs(probs, y)
+    conf, pred = probs.double().max(1)
+    correct = (pred == y).double()
+    # bin b holds conf in (b/n, (b+1)/n]
+    idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
+    n = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
+    sc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
+    sa = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
+    return float((sa - sc).abs().sum() / conf.numel())
+
+
+def _binary_auc(score: Tensor, pos: Tensor) -> float:
+    """Mann–Whitney AUC with average ranks for ties."""
+    n_pos = int(pos.sum())
+    n_neg = pos.numel() - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = torch.argsort(score, stable=True)
+    s = score[order]
+    ranks = torch.empty_like(s, dtype=torch.float64)
+    # average ranks over runs of equal scores
+    uniq, inverse, counts = torch.unique_consecutive(s, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    avg = ends - (counts.double() - 1) / 2
+    ranks = avg[inverse]
+    r_pos = ranks[pos[order]].sum()
+    return float((r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def auroc_ovr(probs: Tensor, y: Tensor) -> float:
+    """One-vs-rest macro AUROC over the classes present in ``y``."""
+    _check_probs(probs, y)
+    probs = probs.double().cpu()
+    y = y.cpu()
+    classes = torch.unique(y).tolist()
+    if len(classes) < 2:
+        raise ValueError("AUROC needs at least two classes in y")
+    aucs = [_binary_auc(probs[:, c], y == c) for c in classes]
+    return float(sum(aucs) / len(aucs))
+
+
+def all_metrics(probs: Tensor, y: Tensor, n_bins: int = 15) -> dict[str, float]:
+    """CE (NLL), accuracy, error, ECE and AUROC of one probability matrix ``[N, C]``."""
+    acc = accuracy(probs, y)
+    return {
+        "nll": nll(probs, y),
+        "accuracy": acc,
+        "error": 1.0 - acc,
+        "ece": ece(probs, y, n_bins),
+        "auroc": auroc_ovr(probs, y),
+    }
+
+
+def ensemble_metrics(member_probs: Tensor, y: Tensor, n_bins: int = 15) -> dict[str, float]:
+    """Metrics of the ensemble whose prediction is the mean of the members' probabilities [K, N, C]."""
+    if member_probs.ndim != 3:
+        raise ValueError(f"member probabilities must be [K, N, C], got {tuple(member_probs.shape)}")
+    out = all_metrics(member_probs.double().mean(0), y, n_bins)
+    out["members"] = int(member_probs.shape[0])
+    return out
