@@ -23,7 +23,10 @@ settings.register_profile("thorough", max_examples=1000, **_common)
 settings.register_profile("gpu", max_examples=25, derandomize=True, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# Under pytest-xdist every worker is a process: one thread each avoids oversubscribing the cores
+# (tiny convs ran ~600x slower with 2 threads per worker on a loaded 2-core machine).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -136,6 +136,8 @@ def run(ctx: RunContext) -> None:
     """Naive vs weight vs activation matching barriers of 4-hidden-layer MLPs across widths."""
     dataset = ctx.options.get("dataset") or "digits"
     cfg = MLPConfig.quick(dataset) if ctx.quick else MLPConfig(dataset=dataset)
+    if dataset != "digits":
+        ctx.variant = dataset
     ctx.config = asdict(cfg)
     data = load_dataset(cfg.dataset, data_dir=ctx.data_dir).to(ctx.device)
     data_key = {"dataset": cfg.dataset}

@@ -153,11 +153,16 @@ class RunContext:
     progress: bool = True
     claims: list[Claim] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    variant: str | None = None  # e.g. a non-default dataset: outputs go to <out>/<target>-<variant>/
     _t0: float = field(default_factory=time.time)
 
     @property
+    def name(self) -> str:
+        return f"{self.target}-{self.variant}" if self.variant else self.target
+
+    @property
     def out(self) -> Path:
-        p = self.out_root / self.target
+        p = self.out_root / self.name
         p.mkdir(parents=True, exist_ok=True)
         return p
 
@@ -209,14 +214,14 @@ class RunContext:
     # --- finish -----------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         summary = {
-            "target": self.target,
+            "target": self.name,
             "quick": self.quick,
             "device": device_description(self.device),
             "claims": [asdict(c) for c in self.claims],
         }
         atomic_write_text(json.dumps(summary, indent=2), self.out / "summary.json")
         prov = {
-            "target": self.target,
+            "target": self.name,
             "config": _jsonable(self.config),
             "options": _jsonable(self.options),
             "quick": self.quick,
@@ -229,7 +234,7 @@ class RunContext:
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write_text(json.dumps(prov, indent=2), self.out / "provenance.json")
-        self.log(f"\n== {self.target}: claims ==")
+        self.log(f"\n== {self.name}: claims ==")
         for c in self.claims:
             self.log(c.line())
         self.log(f"\nwrote {self.out} ({prov['wall_time_s']} s)")

@@ -1,0 +1,471 @@
+"""The model zoo: architectures only.
+
+Every model is a plain ``nn.Module`` whose parameters and buffers (``state_dict()``) form the
+``Params`` point it is evaluated at with ``torch.func.functional_call``. Each model stores the
+keyword arguments that built it in ``self.config`` (JSON-friendly: lists, not tuples, plus a
+``"name"``), and ``build_model(config)`` rebuilds the same architecture.
+
+Models (the permutation symmetries of each are written out in ``reference/specs.py``):
+
+- ``MLP``: Linear + ReLU per hidden layer, a Linear head (Git Re-Basin's MLP, Ainsworth et al. 2023).
+- ``VGG``: conv(3, pad 1)-norm-ReLU blocks with ``"M"`` max-pools, global average pool, Linear head
+  (Simonyan & Zisserman 2015, with a GAP head as in Git Re-Basin's VGG).
+- ``ResNet``: the CIFAR ResNet-20 family of He et al. 2016 (§4.2): ``depth = 6n + 2``, three stages of
+  ``n`` basic blocks with ``base·width``, ``2·base·width``, ``4·base·width`` channels.
+- ``CNN1D``: a small 1-D CNN for MNIST-1D (Greydanus 2020), inputs ``[B, L]`` or ``[B, C, L]``.
+
+Normalisations (``norm``): ``None``; ``"batch"`` (BatchNorm with running statistics); ``"layer"``
+(``ChannelLayerNorm``: LayerNorm over the channel dimension at every position); ``"group"``
+(``nn.GroupNorm(groups, C)``: invariant only under permutations mapping contiguous blocks of
+``C / groups`` channels onto blocks, see ``reference/permutation.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .params import Params
+
+__all__ = [
+    "CNN1D",
+    "MLP",
+    "NORMS",
+    "VGG",
+    "BasicBlock",
+    "ChannelLayerNorm",
+    "ConvBlock",
+    "ResNet",
+    "build_model",
+    "init_params",
+    "make_norm",
+    "MODELS",
+]
+
+NORMS: tuple[str | None, ...] = (None, "batch", "layer", "group")
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers (user input: ValueError / TypeError, never assert)
+# --------------------------------------------------------------------------------------------
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _int_list(name: str, values: Any) -> list[int]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
+    return [_positive_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
+
+
+def _check_norm(norm: Any, groups: Any, allowed: Sequence[str | None] = NORMS) -> tuple[str | None, int]:
+    if norm not in allowed:
+        raise ValueError(f"unknown norm {norm!r}; choose one of {list(allowed)}")
+    return norm, _positive_int("groups", groups)
+
+
+def _check_dims(dims: Any) -> int:
+    if dims not in (1, 2) or isinstance(dims, bool):
+        raise ValueError(f"dims must be 1 or 2, got {dims!r}")
+    return int(dims)
+
+
+# --------------------------------------------------------------------------------------------
+# normalisation layers
+# --------------------------------------------------------------------------------------------
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel dimension (dim 1) at every position of a ``[B, C, *]`` input.
+
+    Holds ``self.ln = nn.LayerNorm(C)``; state_dict keys are ``<prefix>.ln.weight`` and
+    ``<prefix>.ln.bias``. For ``[B, C]`` inputs it is an ordinary LayerNorm.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.num_channels = _positive_int("num_channels", num_channels)
+        self.ln = nn.LayerNorm(num_channels, eps=eps)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.ln(x.movedim(1, -1)).movedim(-1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_channels}"
+
+
+def make_norm(norm: str | None, channels: int, dims: int = 2, groups: int = 2) -> nn.Module:
+    """The normalisation layer for ``channels`` channels of a ``dims``-dimensional feature map.
+
+    ``None`` → ``nn.Identity`` (no parameters); ``"batch"`` → ``BatchNorm{dims}d``; ``"layer"`` →
+    ``ChannelLayerNorm``; ``"group"`` → ``nn.GroupNorm(groups, channels)`` (``groups`` must divide
+    ``channels``).
+    """
+    norm, groups = _check_norm(norm, groups)
+    dims = _check_dims(dims)
+    channels = _positive_int("channels", channels)
+    if norm is None:
+        return nn.Identity()
+    if norm == "batch":
+        return nn.BatchNorm1d(channels) if dims == 1 else nn.BatchNorm2d(channels)
+    if norm == "layer":
+        return ChannelLayerNorm(channels)
+    if channels % groups:
+        raise ValueError(f"GroupNorm: groups={groups} does not divide {channels} channels")
+    return nn.GroupNorm(groups, channels)
+
+
+def _conv(dims: int) -> type[nn.Conv1d] | type[nn.Conv2d]:
+    return nn.Conv1d if dims == 1 else nn.Conv2d
+
+
+def _maxpool(dims: int) -> nn.Module:
+    return nn.MaxPool1d(2) if dims == 1 else nn.MaxPool2d(2)
+
+
+def _gap(dims: int) -> nn.Module:
+    return nn.AdaptiveAvgPool1d(1) if dims == 1 else nn.AdaptiveAvgPool2d(1)
+
+
+# --------------------------------------------------------------------------------------------
+# MLP
+# --------------------------------------------------------------------------------------------
+class MLP(nn.Module):
+    """``in_features → widths[0] → … → widths[-1] → num_classes``, ReLU after every hidden Linear.
+
+    Inputs ``[B, *]`` are flattened to ``[B, in_features]``. Keys: ``layers.{i}.weight``,
+    ``layers.{i}.bias`` (hidden), ``head.weight``, ``head.bias``. ``widths`` may be empty (a linear
+    model) and uneven.
+    """
+
+    def __init__(self, in_features: int, widths: Sequence[int], num_classes: int, bias: bool = True):
+        super().__init__()
+        in_features = _positive_int("in_features", in_features)
+        widths = _int_list("widths", widths)
+        num_classes = _positive_int("num_classes", num_classes)
+        bias = bool(bias)
+        self.config: dict[str, Any] = {
+            "name": "mlp",
+            "in_features": in_features,
+            "widths": list(widths),
+            "num_classes": num_classes,
+            "bias": bias,
+        }
+        dims = [in_features, *widths]
+        self.layers = nn.ModuleList(
+            nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.head = nn.Linear(dims[-1], num_classes, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        for layer in self.layers:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+
+# --------------------------------------------------------------------------------------------
+# VGG / CNN1D building block
+# --------------------------------------------------------------------------------------------
+class ConvBlock(nn.Module):
+    """conv → norm → ReLU. Keys: ``conv.weight``, ``conv.bias``, ``norm.*`` (see ``make_norm``)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        norm: str | None,
+        groups: int,
+        dims: int,
+        bias: bool,
+    ):
+        super().__init__()
+        self.conv = _conv(dims)(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        self.norm = make_norm(norm, out_channels, dims, groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.norm(self.conv(x)))
+
+
+class VGG(nn.Module):
+    """VGG-style CNN: ``channels`` lists conv widths and ``"M"`` (2× max-pool).
+
+    ``features.{i}`` is a ``ConvBlock`` (conv k=3 pad=1 → norm → ReLU) or a max-pool; then a global
+    average pool, flatten and ``head`` (Linear). ``dims=1`` takes ``[B, C, L]`` (Conv1d),
+    ``dims=2`` takes ``[B, C, H, W]`` (Conv2d).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        channels: Sequence[int | str],
+        num_classes: int,
+        norm: str | None = None,
+        groups: int = 2,
+        dims: int = 2,
+        bias: bool = True,
+    ):
+        super().__init__()
+        in_channels = _positive_int("in_channels", in_channels)
+        num_classes = _positive_int("num_classes", num_classes)
+        norm, groups = _check_norm(norm, groups)
+        dims = _check_dims(dims)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
+            raise TypeError(f"channels must be a sequence of ints and 'M', got {channels!r}")
+        entries: list[int | str] = []
+        for i, c in enumerate(channels):
+            entries.append(c if c == "M" else _positive_int(f"channels[{i}]", c))
+        if not any(c != "M" for c in entries):
+            raise ValueError(f"channels must contain at least one conv width, got {list(channels)}")
+        bias = bool(bias)
+        self.config: dict[str, Any] = {
+            "name": "vgg",
+            "in_channels": in_channels,
+            "channels": entries,
+            "num_classes": num_classes,
+            "norm": norm,
+            "groups": groups,
+            "dims": dims,
+            "bias": bias,
+        }
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for c in entries:
+            if c == "M":
+                layers.append(_maxpool(dims))
+            else:
+                layers.append(ConvBlock(c_in, int(c), 3, norm, groups, dims, bias))
+                c_in = int(c)
+        self.features = nn.Sequential(*layers)
+        self.pool = _gap(dims)
+        self.head = nn.Linear(c_in, num_classes, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.features(x))
+        return self.head(torch.flatten(x, 1))
+
+
+class CNN1D(nn.Module):
+    """1-D CNN for MNIST-1D: ``conv(k, pad k//2) → norm → ReLU`` blocks, a 2× max-pool between blocks,
+    global average pool, Linear ``head``.
+
+    Accepts ``[B, L]`` (read as one channel) and ``[B, C, L]``. Blocks are ``blocks.{i}`` (``ConvBlock``),
+    pools ``pools.{i}`` (no parameters).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        channels: Sequence[int] = (32, 32, 32),
+        num_classes: int = 10,
+        norm: str | None = None,
+        kernel_size: int = 5,
+        groups: int = 2,
+        bias: bool = True,
+    ):
+        super().__init__()
+        in_channels = _positive_int("in_channels", in_channels)
+        channels = _int_list("channels", channels)
+        if not channels:
+            raise ValueError("channels must name at least one conv layer")
+        num_classes = _positive_int("num_classes", num_classes)
+        kernel_size = _positive_int("kernel_size", kernel_size)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (same padding), got {kernel_size}")
+        norm, groups = _check_norm(norm, groups)
+        bias = bool(bias)
+        self.config: dict[str, Any] = {
+            "name": "cnn1d",
+            "in_channels": in_channels,
+            "channels": list(channels),
+            "num_classes": num_classes,
+            "norm": norm,
+            "kernel_size": kernel_size,
+            "groups": groups,
+            "bias": bias,
+        }
+        self.in_channels = in_channels
+        dims = [in_channels, *channels]
+        self.blocks = nn.ModuleList(
+            ConvBlock(a, b, kernel_size, norm, groups, 1, bias)
+            for a, b in zip(dims[:-1], dims[1:], strict=True)
+        )
+        self.pools = nn.ModuleList(nn.MaxPool1d(2) for _ in channels[1:])
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(channels[-1], num_classes, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # [B, L] -> [B, 1, L]; [B, C, L] unchanged (no data-dependent control flow: fx-traceable)
+        x = x.reshape(x.shape[0], -1, x.shape[-1])
+        x = self.blocks[0](x)
+        for pool, block in zip(self.pools, self.blocks[1:], strict=True):
+            x = block(pool(x))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# ResNet
+# --------------------------------------------------------------------------------------------
+class BasicBlock(nn.Module):
+    """He et al. 2016's basic block: ``relu(norm2(conv2(relu(norm1(conv1(x))))) + shortcut(x))``.
+
+    ``shortcut`` is the identity when shapes match, else ``Sequential(conv1x1(stride), norm)``
+    (option B of He et al.). Convs have no bias.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str | None, groups: int, dims: int):
+        super().__init__()
+        conv = _conv(dims)
+        self.conv1 = conv(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = make_norm(norm, c_out, dims, groups)
+        self.conv2 = conv(c_out, c_out, 3, stride=1, padding=1, bias=False)
+        self.norm2 = make_norm(norm, c_out, dims, groups)
+        self.shortcut: nn.Module
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                conv(c_in, c_out, 1, stride=stride, bias=False), make_norm(norm, c_out, dims, groups)
+            )
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet (He et al. 2016, §4.2): ``depth = 6n + 2`` (20 → n = 3; 8 → n = 1 for tests).
+
+    ``conv`` (stem, 3×3, ``base·width`` channels) → ``norm`` → ReLU → ``layer1..3`` (``n`` basic
+    blocks each, ``base·width·{1, 2, 4}`` channels, stride 2 at the first block of stages 2 and 3) →
+    global average pool → ``head`` (Linear). ``width`` is the width multiplier of Git Re-Basin's
+    ResNet-20 ×w experiments.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        depth: int = 20,
+        width: int = 1,
+        norm: str | None = "batch",
+        groups: int = 2,
+        dims: int = 2,
+        base: int = 16,
+    ):
+        super().__init__()
+        in_channels = _positive_int("in_channels", in_channels)
+        num_classes = _positive_int("num_classes", num_classes)
+        depth = _positive_int("depth", depth)
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth}")
+        width = _positive_int("width", width)
+        base = _positive_int("base", base)
+        norm, groups = _check_norm(norm, groups)
+        dims = _check_dims(dims)
+        self.config: dict[str, Any] = {
+            "name": "resnet",
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "depth": depth,
+            "width": width,
+            "norm": norm,
+            "groups": groups,
+            "dims": dims,
+            "base": base,
+        }
+        n = (depth - 2) // 6
+        widths = [base * width * m for m in (1, 2, 4)]
+        self.blocks_per_stage = n
+        self.conv = _conv(dims)(in_channels, widths[0], 3, padding=1, bias=False)
+        self.norm = make_norm(norm, widths[0], dims, groups)
+        c_in = widths[0]
+        stages = []
+        for s, c in enumerate(widths):
+            blocks = []
+            for b in range(n):
+                stride = 2 if (s > 0 and b == 0) else 1
+                blocks.append(BasicBlock(c_in, c, stride, norm, groups, dims))
+                c_in = c
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.pool = _gap(dims)
+        self.head = nn.Linear(widths[-1], num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.norm(self.conv(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.head(torch.flatten(self.pool(x), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# registry, rebuilding, initialisation
+# --------------------------------------------------------------------------------------------
+MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "vgg": VGG, "resnet": ResNet, "cnn1d": CNN1D}
+
+
+def build_model(config: dict[str, Any]) -> nn.Module:
+    """Rebuild a zoo model from its ``config``: ``build_model(m.config).config == m.config``.
+
+    Raises ``ValueError`` naming an unknown ``"name"`` or unknown / missing keyword arguments.
+    """
+    if not isinstance(config, dict):
+        raise TypeError(f"config must be a dict, got {type(config).__name__}")
+    if "name" not in config:
+        raise ValueError(f"config lacks 'name'; one of {sorted(MODELS)}; got keys {sorted(config)}")
+    name = config["name"]
+    if name not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; known: {sorted(MODELS)}")
+    cls = MODELS[name]
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    sig = inspect.signature(cls)
+    unknown = sorted(set(kwargs) - set(sig.parameters))
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown config keys {unknown}; accepted: {list(sig.parameters)}")
+    try:
+        sig.bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"model {name!r}: bad config {config!r}: {e}") from e
+    return cls(**kwargs)
+
+
+def init_params(model: nn.Module, seed: int) -> Params:
+    """A fresh initial point for ``model``'s architecture, a function of ``seed`` only.
+
+    A copy of ``model`` has ``reset_parameters()`` called on every submodule (default PyTorch
+    initialisation, BatchNorm statistics reset) under ``torch.random.fork_rng`` seeded with
+    ``seed``: the global RNG state is left as it was and ``model`` is untouched. Raises
+    ``ValueError`` if a parameter is owned by a module without ``reset_parameters`` (it could not be
+    re-initialised). The numbers are drawn on the CPU (the same on every device) and returned under
+    ``state_dict`` keys on ``model``'s devices, in its dtypes.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    devices = {k: v.device for k, v in model.state_dict().items()}
+    fresh = copy.deepcopy(model).cpu()  # CPU generator: the same numbers on every device
+    missed = [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, mod in fresh.named_modules()
+        if not callable(getattr(mod, "reset_parameters", None))
+        for name, _ in mod.named_parameters(recurse=False)
+    ]
+    if missed:
+        raise ValueError(f"cannot re-initialise parameters without a reset_parameters() owner: {missed}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for mod in fresh.modules():
+                reset = getattr(mod, "reset_parameters", None)
+                if callable(reset):
+                    reset()
+    return {k: v.detach().to(devices[k], copy=True) for k, v in fresh.state_dict().items()}
