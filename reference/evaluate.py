@@ -187,7 +187,6 @@ def ece(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
     correct = (pred == y).double()
     # bin b holds conf in (b/n, (b+1)/n]
     idx = (torch.ceil(conf * n_bins) - 1).clamp(0, n_bins - 1).long()
-    n = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, torch.ones_like(conf))
     sc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, conf)
     sa = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, idx, correct)
     return float((sa - sc).abs().sum() / conf.numel())

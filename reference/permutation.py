@@ -151,7 +151,8 @@ def _check_index(group: str, idx: Tensor, n: int | None, block: int = 1) -> Tens
         raise ValueError(f"group {group!r}: permutation has length {idx.numel()}, the group has size {n}")
     m = idx.numel()
     if m and (int(idx.min()) < 0 or int(idx.max()) >= m):
-        raise ValueError(f"group {group!r}: index values must lie in [0, {m}), got [{int(idx.min())}, {int(idx.max())}]")
+        lo, hi = int(idx.min()), int(idx.max())
+        raise ValueError(f"group {group!r}: index values must lie in [0, {m}), got [{lo}, {hi}]")
     counts = torch.bincount(idx.cpu(), minlength=m)
     if bool((counts != 1).any()):
         dup = torch.nonzero(counts > 1).flatten()[:5].tolist()

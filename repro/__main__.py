@@ -13,7 +13,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m repro", description="Reproduction targets of the mode-connectivity suite.")
+    p = argparse.ArgumentParser(prog="python -m repro",
+                                description="Reproduction targets of the mode-connectivity suite.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="list the targets with their papers and claims")
     r = sub.add_parser("run", help="run one target")
@@ -27,7 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--cache-dir", type=Path, default=None,
                    help=f"trained-endpoint cache (default: $MODECONN_CACHE or {default_cache_dir()})")
-    r.add_argument("--dataset", default=None, help="dataset for targets that take one (digits, mnist1d, mnist, cifar10)")
+    r.add_argument("--dataset", default=None,
+                   help="dataset for targets that take one (digits, mnist1d, mnist, cifar10)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 

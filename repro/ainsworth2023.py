@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 
@@ -160,7 +161,7 @@ def run(ctx: RunContext) -> None:
             pa, pb = endpoints[2 * pair], endpoints[2 * pair + 1]
             key = {"target": "ainsworth2023-mlp", "width": width, "pair": pair, "cfg": asdict(cfg),
                    "seeds": seeds[2 * pair : 2 * pair + 2]}
-            res = ctx.job(key, lambda pa=pa, pb=pb, pair=pair: _pair_job(model, spec, pa, pb, data, cfg, pair))
+            res = ctx.job(key, partial(_pair_job, model, spec, pa, pb, data, cfg, pair))
             results[width, pair] = res
             for method, m in res["methods"].items():
                 rows.append({"width": width, "pair": pair, "method": method, **m["barriers"]})
