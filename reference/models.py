@@ -96,7 +96,8 @@ class ChannelLayerNorm(nn.Module):
         self.ln = nn.LayerNorm(num_channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.ln(x.movedim(1, -1)).movedim(-1, 1)
+        # contiguous: vmap over a later adaptive pool of the strided view would fall back to a slow loop
+        return self.ln(x.movedim(1, -1)).movedim(-1, 1).contiguous()
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}"
