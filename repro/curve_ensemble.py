@@ -45,9 +45,9 @@ class CurveEnsembleConfig:
     t_grid: int = 21
     plane_grid: int = 31
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
-    curve_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    curve_train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=30, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
 
     @classmethod
     def quick(cls, dataset: str = "mnist1d") -> CurveEnsembleConfig:
