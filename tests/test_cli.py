@@ -15,6 +15,23 @@ def test_list_names_targets_and_claims(capsys):
     assert "ainsworth2023-mlp" in out
     assert "arXiv:2209.04836" in out
     assert "claim: weight matching removes most of the naive loss barrier" in out
+    for name in ("garipov2018-curves", "curve-ensemble", "benton2021-simplexes"):
+        assert name in out
+
+
+def test_random_control_keeps_distances_from_the_mode():
+    import torch
+
+    from reference.models import MLP, init_params
+    from reference.params import distance
+    from repro.benton2021 import _random_control
+
+    model = MLP(6, [8], 3)
+    mode, v1, v2 = (init_params(model, s) for s in range(3))
+    ctrl = _random_control(mode, [v1, v2], seed=0)
+    for v, c in zip((v1, v2), ctrl, strict=True):
+        assert distance(mode, c) == pytest.approx(distance(mode, v), rel=1e-5)
+        assert not torch.equal(c["layers.0.weight"], v["layers.0.weight"])
 
 
 def test_unknown_target_lists_known_ones(capsys):
