@@ -17,15 +17,13 @@ Metrics, all on probabilities ``[N, C]`` (or ``[K, N, C]`` for K points):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
-
-from .params import Params
 
 __all__ = [
     "PointMetrics",
@@ -56,6 +54,36 @@ def _leading(stacked: Mapping[str, Tensor]) -> int:
     return sizes.pop()
 
 
+def _chunked_logits(
+    model: nn.Module,
+    stacked: Mapping[str, Tensor],
+    x: Tensor,
+    chunk_size: int | None,
+    batch_size: int,
+    train_mode: bool,
+    device: torch.device | str | None,
+) -> Iterator[tuple[int, int, int, Tensor]]:
+    """Yield ``(first point, points in chunk, first input, logits [k, B, C])`` over chunks of points
+    and batches of inputs: one ``vmap(functional_call)`` call each, all points in the same mode."""
+    dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
+    K = _leading(stacked)
+    chunk = chunk_size or default_chunk_size(dev)
+    was_training = model.training
+    model.train(train_mode)
+    model.to(dev)
+    fv = vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
+    try:
+        for s in range(0, K, chunk):
+            part = {k: v[s : s + chunk].to(dev) for k, v in stacked.items()}
+            if train_mode:  # BatchNorm would update the running statistics of the caller's tensors
+                part = {k: v.clone() for k, v in part.items()}
+            k_here = next(iter(part.values())).shape[0]
+            for b in range(0, x.shape[0], batch_size):
+                yield s, k_here, b, fv(part, x[b : b + batch_size].to(dev))
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict_logits(
     model: nn.Module,
@@ -72,31 +100,10 @@ def predict_logits(
     ``train_mode=True`` evaluates with batch statistics (BatchNorm); running statistics of the
     given points are not modified (buffers are cloned per call).
     """
-    dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
-    K = _leading(stacked)
-    chunk = chunk_size or default_chunk_size(dev)
-    was_training = model.training
-    model.train(train_mode)
-    model.to(dev)
-
-    def f(p: Params, xb: Tensor) -> Tensor:
-        return functional_call(model, p, (xb,))
-
-    fv = vmap(f, in_dims=(0, None))
-    outs = []
-    try:
-        for s in range(0, K, chunk):
-            part = {k: v[s : s + chunk].to(dev) for k, v in stacked.items()}
-            if train_mode:
-                part = {k: v.clone() for k, v in part.items()}
-            rows = []
-            for b in range(0, x.shape[0], batch_size):
-                xb = x[b : b + batch_size].to(dev)
-                rows.append(fv(part, xb))
-            outs.append(torch.cat(rows, dim=1))
-    finally:
-        model.train(was_training)
-    return torch.cat(outs, dim=0)
+    chunks: dict[int, list[Tensor]] = {}
+    for s, _, _, logits in _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device):
+        chunks.setdefault(s, []).append(logits)
+    return torch.cat([torch.cat(rows, dim=1) for _, rows in sorted(chunks.items())], dim=0)
 
 
 @dataclass(frozen=True)
@@ -127,33 +134,15 @@ def evaluate_points(
 
     Reduces per data batch, so memory is O(chunk · batch) whatever N is.
     """
-    dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
     K = _leading(stacked)
-    chunk = chunk_size or default_chunk_size(dev)
-    was_training = model.training
-    model.train(train_mode)
-    model.to(dev)
-    fv = vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
     loss = torch.zeros(K, dtype=torch.float64)
     wrong = torch.zeros(K, dtype=torch.float64)
     N = x.shape[0]
-    try:
-        for s in range(0, K, chunk):
-            part = {k: v[s : s + chunk].to(dev) for k, v in stacked.items()}
-            if train_mode:
-                part = {k: v.clone() for k, v in part.items()}
-            k_here = next(iter(part.values())).shape[0]
-            for b in range(0, N, batch_size):
-                xb = x[b : b + batch_size].to(dev)
-                yb = y[b : b + batch_size].to(dev)
-                logits = fv(part, xb)  # [k, B, C]
-                ce = F.cross_entropy(
-                    logits.reshape(-1, logits.shape[-1]).float(), yb.repeat(k_here), reduction="none"
-                ).view(k_here, -1)
-                loss[s : s + k_here] += ce.sum(1).double().cpu()
-                wrong[s : s + k_here] += (logits.argmax(-1) != yb).sum(1).double().cpu()
-    finally:
-        model.train(was_training)
+    for s, k, b, logits in _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device):
+        yb = y[b : b + batch_size].to(logits.device)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), yb.repeat(k), reduction="none")
+        loss[s : s + k] += ce.view(k, -1).sum(1).double().cpu()
+        wrong[s : s + k] += (logits.argmax(-1) != yb).sum(1).double().cpu()
     return PointMetrics(loss=(loss / N).float(), error=(wrong / N).float())
 
 
