@@ -38,9 +38,9 @@ class SimplexConfig:
     vol_reg: float = 0.05
     samples_per_step: int = 4
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
     vertex_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=10, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+        epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
 
     @classmethod
     def quick(cls) -> SimplexConfig:

@@ -45,9 +45,10 @@ class CurveEnsembleConfig:
     t_grid: int = 21
     plane_grid: int = 31
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    # the curve gets the endpoints' training budget (Garipov et al. train curves as long as the models)
     curve_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=30, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
 
     @classmethod
     def quick(cls, dataset: str = "mnist1d") -> CurveEnsembleConfig:

@@ -38,9 +38,10 @@ class CurvesConfig:
     grid: int = 21
     points_per_step: int = 4
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    # the curve gets the endpoints' training budget (Garipov et al. train curves as long as the models)
     curve_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
     # FGE gets the budget of one more training run (train.epochs), in cycles of fge_cycle_epochs
     fge_cycle_epochs: int = 4
     fge_lr: tuple[float, float] = (5e-2, 5e-4)
