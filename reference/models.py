@@ -144,14 +144,20 @@ class MLP(nn.Module):
 
     Inputs ``[B, *]`` are flattened to ``[B, in_features]``. Keys: ``layers.{i}.weight``,
     ``layers.{i}.bias`` (hidden), ``head.weight``, ``head.bias``. ``widths`` may be empty (a linear
-    model) and uneven.
+    model) and uneven. ``norm="layer"`` puts a LayerNorm (keys ``norms.{i}.weight/bias``) between
+    each hidden Linear and its ReLU, as in the rebasin MLP study's model; the config records
+    ``norm`` only when it is set, so configs (and cache keys) of plain MLPs are unchanged.
     """
 
-    def __init__(self, in_features: int, widths: Sequence[int], num_classes: int, bias: bool = True):
+    def __init__(
+        self, in_features: int, widths: Sequence[int], num_classes: int, bias: bool = True, norm: str | None = None
+    ):
         super().__init__()
         in_features = _positive_int("in_features", in_features)
         widths = _int_list("widths", widths)
         num_classes = _positive_int("num_classes", num_classes)
+        if norm not in (None, "layer"):
+            raise ValueError(f"MLP norm must be None or 'layer', got {norm!r}")
         bias = bool(bias)
         self.config: dict[str, Any] = {
             "name": "mlp",
@@ -160,16 +166,22 @@ class MLP(nn.Module):
             "num_classes": num_classes,
             "bias": bias,
         }
+        if norm is not None:
+            self.config["norm"] = norm
         dims = [in_features, *widths]
         self.layers = nn.ModuleList(
             nn.Linear(a, b, bias=bias) for a, b in zip(dims[:-1], dims[1:], strict=True)
         )
+        self.norms = nn.ModuleList(nn.LayerNorm(w) for w in widths) if norm == "layer" else None
         self.head = nn.Linear(dims[-1], num_classes, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(1)
-        for layer in self.layers:
-            x = F.relu(layer(x))
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if self.norms is not None:
+                x = self.norms[i](x)
+            x = F.relu(x)
         return self.head(x)
 
 

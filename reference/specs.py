@@ -94,6 +94,8 @@ def _mlp_spec(model: MLP) -> PermutationSpec:
     for i, _ in enumerate(cfg["widths"]):
         g = f"P_{i}"
         axes |= _layer_axes(f"layers.{i}", g, prev, 0, cfg["bias"])
+        if cfg.get("norm") == "layer":
+            axes |= {f"norms.{i}.weight": (g,), f"norms.{i}.bias": (g,)}
         prev = g
     axes |= _layer_axes("head", None, prev, 0, cfg["bias"])
     return _finish(model, axes, {}, None, 1)

@@ -35,6 +35,8 @@ def _cases() -> list[tuple[str, dict[str, Any], tuple[int, ...]]]:
             (5, 3, 2, 2),
         ),
         ("mlp-linear", {"name": "mlp", "in_features": 6, "widths": [], "num_classes": 2}, (5, 6)),
+        ("mlp-layernorm", {"name": "mlp", "in_features": 12, "widths": [7, 5], "num_classes": 3, "norm": "layer"},
+         (5, 12)),
         (
             "resnet20",
             {"name": "resnet", "in_channels": 3, "num_classes": 4, "depth": 20, "norm": "batch"},
