@@ -1,4 +1,5 @@
-"""``python -m repro list | run TARGET [--quick] [--device auto|cpu|cuda] [--data-dir DIR] [--out DIR] [--seed N]``."""
+"""``python -m repro list | run TARGET [--quick] [--device auto|cpu|cuda] [--data-dir DIR] [--out DIR] [--seed N]
+[--executor local|process|ray] [--workers N] [--address ADDR]``."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dataset", default=None,
                    help="dataset for targets that take one (digits, mnist1d, mnist, cifar10)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--executor", default="local", choices=("local", "process", "ray"),
+                   help="where a target's sweep jobs run: in this process (default), in worker processes, "
+                        "or on Ray (pip install .[ray]); results are the same")
+    r.add_argument("--workers", type=int, default=None,
+                   help="process: worker processes (default: all cores); ray: CPUs of a local Ray instance")
+    r.add_argument("--address", default=None, help="ray: address of the Ray cluster to join (e.g. auto)")
     return p
 
 
@@ -54,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.workers is not None and args.workers < 1:
+        print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
+    if args.address is not None and args.executor != "ray":
+        print("error: --address is for --executor ray", file=sys.stderr)
+        return 2
+    if args.executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            print("error: --executor ray needs Ray, which is not installed: pip install .[ray]", file=sys.stderr)
+            return 2
     if args.data_dir is not None and not args.data_dir.is_dir():
         print(f"error: --data-dir {args.data_dir} is not a directory", file=sys.stderr)
         return 2
@@ -65,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         data_dir=args.data_dir,
         cache_dir=args.cache_dir or default_cache_dir(),
-        options={"dataset": args.dataset},
+        options={"dataset": args.dataset, "executor": args.executor, "workers": args.workers,
+                 "address": args.address},
         progress=not args.no_progress,
     )
     try:
