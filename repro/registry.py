@@ -9,7 +9,14 @@ from dataclasses import dataclass, field
 __all__ = ["Target", "target", "TARGETS", "get_target", "load_all"]
 
 # modules holding targets; importing one registers its targets
-_MODULES = ("repro.ainsworth2023", "repro.garipov2018", "repro.curve_ensemble", "repro.benton2021")
+_MODULES = (
+    "repro.ainsworth2023",
+    "repro.garipov2018",
+    "repro.curve_ensemble",
+    "repro.benton2021",
+    "repro.rebasin_sweeps",
+    "repro.cycle_consistency",
+)
 
 
 @dataclass(frozen=True)
