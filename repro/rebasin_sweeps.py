@@ -122,12 +122,13 @@ def _heatmaps(ctx: RunContext, cfg: SweepConfig, merge_rows: list[dict]) -> None
             ("loss_ratio_vs_control", "loss: merged / control"),
             ("accuracy_ratio_vs_control", "accuracy: merged / control")]
     nms = list(cfg.n_models)
-    fig, axes = plt.subplots(len(cols), len(nms), figsize=(3.6 * len(nms), 3.0 * len(cols)), squeeze=False)
+    fig, axes = plt.subplots(len(cols), len(nms), figsize=(3.6 * len(nms), 3.4 * len(cols)), squeeze=False)
     for i, (col, label) in enumerate(cols):
         for j, nm in enumerate(nms):
             piv = df[df.n_models == nm].pivot(index="features", columns="weight_decay", values=col)
             sns.heatmap(piv, annot=True, fmt=".2f", cmap="vlag", center=1.0, ax=axes[i][j], cbar=False)
             axes[i][j].set_title(f"{label}\n{nm} models", fontsize=9)
+    fig.tight_layout()
     ctx.save_figure(fig, "merge_many_heatmaps")
     stat_cols = [("max_output_ratio", "max output: merged / members"),
                  ("output_std_ratio", "output std: merged / members")]
