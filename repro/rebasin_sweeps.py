@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-from reference.merge import merge_many
 
 from reference.barrier import evaluate_path, linear_path
 from reference.data import load_dataset
 from reference.evaluate import predict_logits
 from reference.matching import weight_matching
+from reference.merge import merge_many
 from reference.models import build_model
 from reference.params import stack
 from reference.specs import spec_for
