@@ -396,3 +396,29 @@ _PROPERTIES = [
 @pytest.mark.parametrize("prop", _PROPERTIES, ids=lambda p: p.__name__)
 def test_properties_pass_unmutated(monkeypatch, prop):
     run_property(monkeypatch, prop)
+
+
+# --- mutants of the Git Re-Basin extensions (Sinkhorn, universe alignment) ------------------------
+
+
+def test_mutant_sinkhorn_without_column_step(monkeypatch):
+    """Sinkhorn that only normalises rows (a softmax): caught by the doubly-stochastic property."""
+    from invariants import props_ste_sinkhorn
+
+    def rows_only(log_alpha, iters=100, *, tol=None):
+        return torch.softmax(log_alpha.double(), dim=-1).to(log_alpha.dtype)
+
+    monkeypatch.setattr(props_ste_sinkhorn, "sinkhorn", rows_only)
+    assert_caught(monkeypatch, props_ste_sinkhorn.test_sinkhorn_is_doubly_stochastic)
+
+
+def test_mutant_universe_maps_composed_in_the_wrong_order(monkeypatch):
+    """P_ij = U_j⁻¹ ∘ U_i instead of U_i⁻¹ ∘ U_j: caught by the cycle-consistency property."""
+    from invariants import props_merge
+
+    def swapped(U, i, j):
+        us = U.to_universe if hasattr(U, "to_universe") else list(U)
+        return us[j].inverse().compose(us[i])
+
+    monkeypatch.setattr(props_merge, "pairwise_from_universe", swapped)
+    assert_caught(monkeypatch, props_merge.test_sync_universe_is_cycle_consistent, max_examples=30)
