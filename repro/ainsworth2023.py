@@ -252,7 +252,7 @@ class WidthConfig:
     mlp_base: int = 64
     mlp_depth: int = 3
     mlp_multipliers: tuple[int, ...] = (1, 2, 4, 8, 16)
-    resnet_multipliers: tuple[int, ...] = (1, 2, 4, 8)
+    resnet_multipliers: tuple[int, ...] = (1, 2, 4)
     resnet_depth: int = 8
     resnet_base: int = 8
     pairs: int = 2
@@ -262,7 +262,7 @@ class WidthConfig:
     ste_lr: float = 1e-2
     ste_batch: int = 256
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+        epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
 
     @classmethod
     def quick(cls) -> WidthConfig:
