@@ -40,7 +40,7 @@ from .registry import target
 class SweepConfig:
     dataset: str = "digits"
     depth: int = 3
-    features: tuple[int, ...] = (50, 100, 200, 400, 800)
+    features: tuple[int, ...] = (50, 100, 200, 400)
     weight_decays: tuple[float, ...] = (0.0, 0.01, 0.03, 0.1, 0.3, 0.9)
     n_models: tuple[int, ...] = (2, 3, 4, 6)
     grid: int = 25
