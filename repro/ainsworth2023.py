@@ -251,8 +251,8 @@ class WidthConfig:
     dataset: str = "mnist1d"
     mlp_base: int = 64
     mlp_depth: int = 3
-    mlp_multipliers: tuple[int, ...] = (1, 2, 4, 8, 16)
-    resnet_multipliers: tuple[int, ...] = (1, 2, 4)
+    mlp_multipliers: tuple[int, ...] = (1, 2, 4, 8)
+    resnet_multipliers: tuple[int, ...] = (1, 2)
     resnet_depth: int = 8
     resnet_base: int = 8
     pairs: int = 2
