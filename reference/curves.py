@@ -66,6 +66,7 @@ from .train import (
     _seeded_rng,
     _split,
     lr_schedule,
+    raise_if_diverged,
 )
 
 __all__ = [
@@ -510,14 +511,9 @@ def train_curve(
                 _opt_step_(cfg, flat_leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
                 epoch_losses.append(record.float())
             hist = torch.stack(epoch_losses).cpu()
-            bad = ~torch.isfinite(hist)
-            if bool(bad.any()):
-                s_bad = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"curve training diverged: loss is {float(hist[s_bad])} at epoch {epoch + 1}/{cfg.epochs}, "
-                    f"step {s_bad + 1}/{steps} (seed {seed}) with {cfg.optimizer} lr={cfg.lr:g}; "
-                    "try a lower learning rate (or set grad_clip)"
-                )
+            raise_if_diverged(hist, what="curve training", at=f"epoch {epoch + 1}/{cfg.epochs}",
+                              context=f"(seed {seed}) with {cfg.optimizer} lr={cfg.lr:g}",
+                              hint="try a lower learning rate (or set grad_clip)")
             bar.set_postfix(loss=f"{float(hist.mean()):.4f}")
 
     free_out: list[Params] = []

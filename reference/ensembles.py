@@ -50,6 +50,7 @@ from .train import (
     _seeded_rng,
     _split,
     _train_mode,
+    raise_if_diverged,
     train_many,
 )
 
@@ -244,13 +245,8 @@ def fge(
                     check_finite(point, what=f"FGE snapshot {len(snapshots) + 1} (seed {seed})")
                     snapshots.append(point)
             hist = torch.stack(losses).cpu()
-            bad = ~torch.isfinite(hist)
-            if bool(bad.any()):
-                s_bad = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"FGE diverged: loss is {float(hist[s_bad])} at epoch {epoch + 1}/{n_cycles * cycle_epochs}, "
-                    f"step {s_bad + 1}/{steps} (seed {seed}) with lr1={lr1:g}, lr2={lr2:g}; try a lower lr1"
-                )
+            raise_if_diverged(hist, what="FGE", at=f"epoch {epoch + 1}/{n_cycles * cycle_epochs}",
+                              context=f"(seed {seed}) with lr1={lr1:g}, lr2={lr2:g}", hint="try a lower lr1")
             bar.set_postfix(loss=f"{float(hist.mean()):.4f}")
     return snapshots
 

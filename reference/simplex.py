@@ -95,6 +95,7 @@ from .train import (
     _seeded_rng,
     _split,
     lr_schedule,
+    raise_if_diverged,
 )
 
 __all__ = [
@@ -644,14 +645,9 @@ class _SproJob:
                     _opt_step_(cfg, leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
                     hist.append(loss.detach())
                 h = torch.stack(hist).cpu()
-                bad = ~torch.isfinite(h)
-                if bool(bad.any()):
-                    s_bad = int(bad.nonzero()[0, 0])
-                    raise ValueError(
-                        f"SPRO diverged: loss is {float(h[s_bad])} at vertex {stage}/{n_free}, "
-                        f"epoch {epoch + 1}/{cfg.epochs}, step {s_bad + 1}/{steps} (seed {self.seed}) with "
-                        f"{cfg.optimizer} lr={cfg.lr:g}; try a lower learning rate, a smaller vol_reg or grad_clip"
-                    )
+                raise_if_diverged(h, what="SPRO", at=f"vertex {stage}/{n_free}, epoch {epoch + 1}/{cfg.epochs}",
+                                  context=f"(seed {self.seed}) with {cfg.optimizer} lr={cfg.lr:g}",
+                                  hint="try a lower learning rate, a smaller vol_reg or grad_clip")
                 bar.set_postfix(loss=f"{float(h.mean()):.4f}")
         return {**{k: t.detach() for k, t in zip(self.p_keys, leaves, strict=True)}, **new_bufs}
 

@@ -66,7 +66,16 @@ from tqdm import tqdm
 
 from .params import Params, check_compatible, check_finite, is_float
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "TrainConfig", "lr_schedule", "pick_device", "train", "train_many"]
+__all__ = [
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "TrainConfig",
+    "lr_schedule",
+    "pick_device",
+    "raise_if_diverged",
+    "train",
+    "train_many",
+]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -130,6 +139,21 @@ class TrainConfig:
     def steps_per_epoch(self, n: int) -> int:
         """Minibatches per epoch for ``n`` examples."""
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def raise_if_diverged(losses: Tensor, *, what: str, at: str, context: str, hint: str) -> None:
+    """Raise ``ValueError`` if any of one epoch's step losses (1-D) is NaN or infinite.
+
+    The message reads ``"{what} diverged: loss is {v} at {at}, step {s}/{steps} {context}; {hint}"``.
+    Shared by the training loops of curves, simplexes and FGE (``train`` checks K models at once).
+    """
+    bad = ~torch.isfinite(losses)
+    if bool(bad.any()):
+        s_bad = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{what} diverged: loss is {float(losses[s_bad])} at {at}, step {s_bad + 1}/{losses.numel()} "
+            f"{context}; {hint}"
+        )
 
 
 def lr_schedule(cfg: TrainConfig, step: int, total_steps: int) -> float:

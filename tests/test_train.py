@@ -281,3 +281,13 @@ def test_cuda_matches_cpu() -> None:
         assert all(v.device.type == "cpu" for v in b.values())
         assert_points_close(a, b, rtol=1e-3, atol=1e-4)
     assert_points_close(one, cpu[0], rtol=1e-3, atol=1e-4)
+
+
+def test_raise_if_diverged_names_epoch_step_and_hint():
+    from reference.train import raise_if_diverged
+
+    raise_if_diverged(torch.tensor([1.0, 0.5]), what="FGE", at="epoch 1/2", context="(seed 0)", hint="h")
+    with pytest.raises(ValueError, match=r"^SPRO diverged: loss is nan at vertex 1/2, epoch 3/5, step 2/3 \(seed 7\); "
+                                         r"try less$"):
+        raise_if_diverged(torch.tensor([1.0, float("nan"), 2.0]), what="SPRO", at="vertex 1/2, epoch 3/5",
+                          context="(seed 7)", hint="try less")
