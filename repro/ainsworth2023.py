@@ -271,13 +271,13 @@ class WidthConfig:
                    train=TrainConfig(epochs=15, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
 
 
-def _fixed_path(model, pa, pb, t, x_stats, kind: str, spec) -> dict:
-    """Path points with the activation statistics repaired at every t: REPAIR (MLPs) or BN reset."""
+def _fixed_path(model, pa, pb, t, plain: dict, x_stats, kind: str, spec) -> dict:
+    """The path points ``plain`` with activation statistics repaired at every t: REPAIR (MLPs) or BN reset."""
     from reference.bn import recompute_bn_stats_batched
     from reference.merge import repair
 
     if kind == "bn_reset":
-        return recompute_bn_stats_batched(model, linear_path(pa, pb, len(t))[1], x_stats)
+        return recompute_bn_stats_batched(model, plain, x_stats)
     pts = [repair(model, [pa, pb], [1.0 - float(s), float(s)], x_stats, spec=spec) for s in t]
     return stack(pts)
 
@@ -299,7 +299,7 @@ def _width_job(model, spec, pa, pb, data, cfg: WidthConfig, seed: int, fix: str)
     out = {"ste_seconds": t_ste}
     for name, b in aligned.items():
         t, plain = linear_path(pa, b, cfg.grid)
-        for variant, pts in (("plain", plain), (fix, _fixed_path(model, pa, b, t, x_stats, fix, spec))):
+        for variant, pts in (("plain", plain), (fix, _fixed_path(model, pa, b, t, plain, x_stats, fix, spec))):
             tr = evaluate_points(model, pts, data.x_train, data.y_train)
             te = evaluate_points(model, pts, data.x_test, data.y_test)
             out[f"{name}/{variant}"] = {
