@@ -16,6 +16,9 @@ _MODULES = (
     "repro.benton2021",
     "repro.rebasin_sweeps",
     "repro.cycle_consistency",
+    "repro.permuted_simplex",
+    "repro.anokhin2020",
+    "repro.rashomon_hessian",
 )
 
 
