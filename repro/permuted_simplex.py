@@ -65,7 +65,7 @@ class PermutedSimplexConfig:
     dataset: str = "digits"
     depth: int = 2
     widths: tuple[int, ...] = (64, 256)
-    weight_decays: tuple[float, ...] = (0.0, 0.1)
+    weight_decays: tuple[float, ...] = (0.0, 0.5)
     main_width: int = 256
     main_wd: float = 0.0
     n_models: int = 8
