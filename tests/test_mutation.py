@@ -422,3 +422,34 @@ def test_mutant_universe_maps_composed_in_the_wrong_order(monkeypatch):
 
     monkeypatch.setattr(props_merge, "pairwise_from_universe", swapped)
     assert_caught(monkeypatch, props_merge.test_sync_universe_is_cycle_consistent, max_examples=30)
+
+
+# --- mutants of the permuted-simplex machinery -------------------------------------------------
+
+
+def test_mutant_glue_never_identifies_caught(monkeypatch):
+    """Gluing whose equivalence check never succeeds (every vertex its own class): caught by the
+    gluing property (classes must be the models)."""
+    import reference.permuted_simplex as ps
+    from invariants import props_permuted_simplex
+
+    monkeypatch.setattr(ps, "_allclose", lambda a, b, rtol, atol: False)
+    assert_caught(monkeypatch, props_permuted_simplex.test_glue_identifies_exactly_the_equivalent_vertices,
+                  max_examples=30)
+
+
+def test_mutant_asymmetric_barycentric_grid_caught(monkeypatch):
+    """A grid that misses the points with λ₁ > λ₂ (not symmetric under relabelling): caught by the
+    relabelling-invariance property of the simplex barrier."""
+    import reference.permuted_simplex as ps
+    from invariants import props_permuted_simplex
+
+    full = ps.barycentric_grid
+
+    def half(n, resolution):
+        g = full(n, resolution)
+        return g[(g[:, 0] <= g[:, 1]) | (g == 1).any(1)] if n > 1 else g
+
+    monkeypatch.setattr(ps, "barycentric_grid", half)
+    assert_caught(monkeypatch, props_permuted_simplex.test_simplex_barrier_invariant_to_relabelling_vertices,
+                  max_examples=30)
