@@ -78,6 +78,9 @@ class PermutedSimplexConfig:
     triples: tuple[tuple[int, int, int], ...] = ((0, 1, 2), (0, 3, 4), (0, 5, 6), (1, 3, 5))
     complex_simplices: tuple[tuple[int, ...], ...] = ((0, 1, 2, 3), (0, 3, 4, 5), (0, 5, 6, 7))
     complex_method: str = "interior-mm"
+    repair_ns: tuple[int, ...] = (3, 4)
+    repair_methods: tuple[str, ...] = ("star", "mergemany", "interior", "interior-mm")
+    repair_resolution: int = 6
     ensemble_samples: int = 32
     interior: InteriorConfig = InteriorConfig()
     train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine")
@@ -87,7 +90,8 @@ class PermutedSimplexConfig:
     def quick(cls) -> PermutedSimplexConfig:
         return cls(widths=(32,), weight_decays=(0.0,), main_width=32, n_models=4, ns=(2, 3, 4), grid_resolution=4,
                    samples=32, adversarial_steps=5, ternary_resolution=8, triples=((0, 1, 2),),
-                   complex_simplices=((0, 1, 2), (0, 2, 3)), ensemble_samples=6,
+                   complex_simplices=((0, 1, 2), (0, 2, 3)), ensemble_samples=6, repair_ns=(3,),
+                   repair_methods=("star", "interior"), repair_resolution=3,
                    interior=InteriorConfig(steps=20, eval_lams=8),
                    train=TrainConfig(epochs=8, batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine"),
                    curve_train=TrainConfig(epochs=4, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
@@ -132,6 +136,20 @@ def _property2_job(model, spec, models, data, cfg: PermutedSimplexConfig, seed: 
             b = simplex_barrier(model, ps.vertices, data.x_train, data.y_train, method="grid",
                                 resolution=cfg.grid_resolution * 2, seed=seed)
             out[f"{tri}/{label}"] = b.as_dict()
+    return out
+
+
+def _repair_job(model, spec, models, data, cfg: PermutedSimplexConfig, seed: int) -> dict:
+    """Simplex barriers without and with REPAIR (Jordan et al. 2023) at every evaluated point."""
+    out = {}
+    for n in cfg.repair_ns:
+        for label in cfg.repair_methods:
+            ps = _align(spec, model, models[:n], label, data, cfg, seed)
+            for corr in (None, "repair"):
+                b = simplex_barrier(model, ps.vertices, data.x_train, data.y_train, method="grid",
+                                    resolution=cfg.repair_resolution, mean_samples=64, edge_grid=7, seed=seed,
+                                    correction=corr, x_stats=data.x_train)
+                out[f"{n}/{label}/{corr}"] = b.as_dict()
     return out
 
 
@@ -254,6 +272,20 @@ def run(ctx: RunContext) -> None:
     p2 = ctx.job({**mkey, "part": "property2", "triples": cfg.triples, "grid": cfg.grid_resolution},
                  lambda: _property2_job(model, spec, models, data, cfg, ctx.seed))
     p2rows = _property2_table(ctx, p2, cfg)
+    rep = ctx.job({**mkey, "part": "repair", "ns": cfg.repair_ns, "methods": cfg.repair_methods,
+                   "res": cfg.repair_resolution},
+                  lambda: _repair_job(model, spec, models, data, cfg, ctx.seed))
+    rrows = []
+    for n in cfg.repair_ns:
+        for label in cfg.repair_methods:
+            a, b = rep[f"{n}/{label}/None"], rep[f"{n}/{label}/repair"]
+            rrows.append({"n": n, "method": label, "barrier": a["barrier"], "barrier_repair": b["barrier"],
+                          "mean_loss": a["mean_loss"], "mean_loss_repair": b["mean_loss"],
+                          "centroid_loss": a["centroid_loss"], "centroid_loss_repair": b["centroid_loss"]})
+    ctx.write_table("repair", rrows, ["n", "method", "barrier", "barrier_repair", "mean_loss", "mean_loss_repair",
+                                      "centroid_loss", "centroid_loss_repair"],
+                    title=f"Simplex barrier (grid, resolution {cfg.repair_resolution}) and mean/centroid train loss "
+                          f"without and with REPAIR at every point, width {cfg.main_width}")
     tern = ctx.job({**mkey, "part": "ternary", "res": cfg.ternary_resolution},
                    lambda: _ternary_job(model, spec, models, data, cfg, ctx.seed))
     _ternary_figure(ctx, tern, cfg)

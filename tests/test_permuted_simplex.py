@@ -271,7 +271,7 @@ def test_target_quick_runs(tmp_path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     d = out / "permuted-simplex"
-    for name in ("simplex_barrier", "property2", "ensembles", "low_loss_n"):
+    for name in ("simplex_barrier", "property2", "ensembles", "low_loss_n", "repair"):
         assert (d / f"{name}.csv").is_file() and (d / f"{name}.md").is_file()
     assert (d / "simplex_barrier.png").is_file() and (d / "ternary.png").is_file()
     summary = json.loads((d / "summary.json").read_text())
