@@ -7,6 +7,14 @@ path is evaluated on a grid of t with BatchNorm statistics recomputed at every p
 reports the max train loss and max test error along each path (mean ± std over pairs); a figure
 shows loss and error along t. Fast geometric ensembling (§4) is compared with an independently
 trained ensemble of the same training budget.
+
+A fourth path is AutoNEB (Draxler et al. 2018, "Essentially No Barriers in Neural Network Energy
+Landscape", arXiv:1803.00885; ``reference/neb.py``): a piecewise-linear chain of pivots relaxed by
+nudged-elastic-band forces, with pivots inserted where the loss between pivots rises. Its budget
+(Σ over steps of the interior pivots whose gradient is taken) is set equal to a curve's
+(steps × ``points_per_step``), and both are reported. Its t is the normalised arc length along the
+chain, its grid every pivot plus ``neb_grid_sub`` points inside each segment (BatchNorm recomputed
+at every point).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from reference.curves import Bezier, Curve, evaluate_curve, train_curve
 from reference.data import load_dataset
 from reference.ensembles import ensemble_probs, ensemble_table, fge
 from reference.models import build_model
+from reference.neb import NEBConfig, evaluate_neb, neb
 from reference.params import stack
 from reference.train import TrainConfig
 
@@ -27,7 +36,7 @@ from .common import RunContext, fmt_pm, mean_std
 from .endpoints import trained_endpoints
 from .registry import target
 
-PATHS = ("line", "polychain", "bezier")
+PATHS = ("line", "polychain", "bezier", "neb")
 
 
 @dataclass(frozen=True)
@@ -45,13 +54,24 @@ class CurvesConfig:
     # FGE gets the budget of one more training run (train.epochs), in cycles of fge_cycle_epochs
     fge_cycle_epochs: int = 4
     fge_lr: tuple[float, float] = (5e-2, 5e-4)
+    # AutoNEB (Draxler et al. 2018): 3 pivots, then up to 2 inserted per cycle (3, 5, 7, 9 interior
+    # pivots); 4 cycles × 10 epochs × 32 steps × 6 pivots on average = 7680 pivot gradients, the
+    # curves' 60 epochs × 32 steps × 4 points per step
+    neb: NEBConfig = field(default_factory=lambda: NEBConfig(
+        init_pivots=3, cycles=4, insert_per_cycle=2, max_pivots=15, insert_threshold=0.1, sub_points=9,
+        train=TrainConfig(epochs=10, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")))
+    neb_grid_sub: int = 2
 
     @classmethod
     def quick(cls) -> CurvesConfig:
         return cls(pairs=2, grid=11,
                    train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"),
                    curve_train=TrainConfig(epochs=8, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"),
-                   fge_cycle_epochs=4)
+                   fge_cycle_epochs=4,
+                   neb=NEBConfig(init_pivots=2, cycles=2, insert_per_cycle=2, sub_points=5,
+                                 train=TrainConfig(epochs=4, batch_size=128, lr=1e-3, optimizer="adam",
+                                                   schedule="cosine")),
+                   neb_grid_sub=2)
 
 
 def model_config(name: str, data) -> dict:
@@ -80,6 +100,16 @@ def _curves_job(model, pa, pb, data, cfg: CurvesConfig, seed: int, device) -> di
                             order=2, bends=1, seed=seed, points_per_step=cfg.points_per_step,
                             device=device, progress=False)
         out[kind] = _path_record(evaluate_curve(model, curve, splits, cfg.grid, device=device))
+        out[kind]["budget_point_grads"] = (cfg.curve_train.epochs * cfg.curve_train.steps_per_epoch(len(data.x_train))
+                                           * cfg.points_per_step)
+        out[kind]["free_points"] = curve.kind.n_free
+    path = neb(model, pa, pb, data.x_train, data.y_train, cfg=cfg.neb, seed=seed, device=device, progress=False)
+    out["neb"] = _path_record(evaluate_neb(model, path, splits, cfg.neb_grid_sub, device=device))
+    out["neb"]["budget_point_grads"] = path.budget()["pivot_gradients"]
+    out["neb"]["free_points"] = path.n_pivots - 2
+    out["neb"]["history"] = list(path.history)
+    out["line"]["budget_point_grads"] = 0
+    out["line"]["free_points"] = 0
     return out
 
 
@@ -105,11 +135,19 @@ def _figure(ctx: RunContext, cfg: CurvesConfig, results: dict) -> None:
         for j, (metric, split) in enumerate((("loss", "train"), ("error", "test"))):
             ax = axes[i][j]
             sel = df[(df.model == mname) & (df.metric == metric) & (df.split == split)]
-            sns.lineplot(sel, x="t", y="value", hue="path", hue_order=list(PATHS), errorbar="sd", ax=ax)
+            curves = [p for p in PATHS if p != "neb"]
+            sns.lineplot(sel[sel.path != "neb"], x="t", y="value", hue="path", hue_order=curves, errorbar="sd", ax=ax)
+            # NEB: its t (arc length) differs per pair, so one line per pair, not a mean ± sd band
+            for k, (_, per) in enumerate(sel[sel.path == "neb"].groupby("pair")):
+                ax.plot(per.t, per.value, color="tab:red", lw=1.0, alpha=0.8,
+                        label="neb (AutoNEB, per pair)" if k == 0 else None)
+            ax.legend(fontsize=8)
+            ax.set_xlabel("t (neb: normalised arc length)")
             ax.set_title(f"{mname}: {split} {metric} along the path ({cfg.dataset})")
             ax.set_ylabel(f"{split} {metric}")
             if metric == "loss":
                 ax.set_yscale("log")
+    fig.tight_layout()
     ctx.save_figure(fig, "paths")
 
 
@@ -152,15 +190,16 @@ def fge_comparison(ctx: RunContext, cfg: CurvesConfig, data, endpoints_by_model:
     claims=(
         "the straight line between independently trained modes has a high loss barrier",
         "trained polychain and Bézier curves have nearly constant train loss and test error",
+        "AutoNEB chains (Draxler et al. 2018) have essentially no train loss barrier",
         "fast geometric ensembling matches an independent ensemble of the same training budget",
     ),
 )
 def run(ctx: RunContext) -> None:
-    """Line vs polychain vs Bézier between independently trained MNIST-1D models; FGE vs ensembles."""
+    """Line vs polychain vs Bézier vs AutoNEB between independently trained MNIST-1D models; FGE vs ensembles."""
     cfg = CurvesConfig.quick() if ctx.quick else CurvesConfig()
     if ctx.options.get("dataset") and ctx.options["dataset"] != cfg.dataset:
         cfg = CurvesConfig(**{**asdict(cfg), "dataset": ctx.options["dataset"],
-                              "train": cfg.train, "curve_train": cfg.curve_train})
+                              "train": cfg.train, "curve_train": cfg.curve_train, "neb": cfg.neb})
         ctx.variant = cfg.dataset
     ctx.config = asdict(cfg)
     data = load_dataset(cfg.dataset, data_dir=ctx.data_dir).to(ctx.device)
@@ -192,6 +231,9 @@ def run(ctx: RunContext) -> None:
                                                   + rec["curves"]["test"]["error"][-1]),
                     "train_loss_max_chord": rec["barriers"]["train_loss_max_chord"],
                     "test_error_max_chord": rec["barriers"]["test_error_max_chord"],
+                    "grid_points": len(rec["t"]),
+                    "free_points": rec["free_points"],
+                    "budget_point_grads": rec["budget_point_grads"],
                 })
             ctx.log(f"  {mname} pair {pair}: max train loss " + ", ".join(
                 f"{p} {max(res[p]['curves']['train']['loss']):.3f}" for p in PATHS))
@@ -204,10 +246,12 @@ def run(ctx: RunContext) -> None:
             summary.append({"model": mname, "path": path, "pairs": len(sel),
                             **{c: fmt_pm([r[c] for r in sel]) for c in
                                ("max_train_loss", "max_test_error", "endpoint_train_loss", "endpoint_test_error",
-                                "train_loss_max_chord")}})
+                                "train_loss_max_chord", "free_points", "budget_point_grads")}})
     ctx.write_table("paths", summary,
                     title=f"Max train loss and max test error along each path (mean ± std over pairs), "
-                          f"{cfg.dataset}, grid {cfg.grid} points")
+                          f"{cfg.dataset}; curves on a grid of {cfg.grid} t, NEB at every pivot and "
+                          f"{cfg.neb_grid_sub} points inside each segment; budget = gradients of free points "
+                          f"(curves: steps × points per step; NEB: Σ steps × interior pivots)")
     _figure(ctx, cfg, results)
 
     fge_rows = fge_comparison(ctx, cfg, data, endpoints_by_model)
@@ -238,6 +282,20 @@ def run(ctx: RunContext) -> None:
         "; ".join(f"{n} {p}: {m(n, p, 'train_loss_max_chord'):.3f} vs line "
                   f"{m(n, 'line', 'train_loss_max_chord'):.3f}" for (n, p) in const),
         all(const.values()),
+    )
+    neb_ok = {n: m(n, "neb", "train_loss_max_chord") < 0.1 * m(n, "line", "train_loss_max_chord")
+              for n in cfg.models}
+    ctx.claim(
+        "neb-essentially-no-barrier",
+        "the train loss barrier (max_chord) along the AutoNEB chain is below 10% of the line's, at the curves' "
+        "training budget",
+        "Draxler et al. 2018: AutoNEB paths between minima have essentially no loss barrier (CIFAR ResNets/DenseNets, "
+        "Fig. 4, Table 1)",
+        "; ".join(f"{n} neb: {m(n, 'neb', 'train_loss_max_chord'):.3f} vs line "
+                  f"{m(n, 'line', 'train_loss_max_chord'):.3f} ({m(n, 'neb', 'free_points'):.1f} pivots, "
+                  f"{m(n, 'neb', 'budget_point_grads'):.0f} pivot gradients vs the curves' "
+                  f"{m(n, 'bezier', 'budget_point_grads'):.0f})" for n in cfg.models),
+        all(neb_ok.values()),
     )
     fge_held = all(r["fge_accuracy"] >= r["independent_accuracy"] - 0.005 for r in fge_rows)
     ctx.claim(
