@@ -69,6 +69,7 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -134,6 +135,14 @@ def _lams(lams: Tensor | Sequence[Sequence[float]], n: int) -> Tensor:
     if bool((lams < -1e-12).any()) or not torch.allclose(lams.sum(1), torch.ones(len(lams), dtype=lams.dtype)):
         raise ValueError("barycentric coordinates must be non-negative and sum to 1 in every row")
     return lams
+
+
+def _dirichlet(T: int, n: int, alpha: float, g: torch.Generator) -> Tensor:
+    """T draws of Dir(α, …, α) [T, n] float64 from the generator ``g`` (deterministic for a seed)."""
+    if alpha == 1.0:
+        return sample_dirichlet(T, n, g)
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=g)))
+    return torch.from_numpy(rng.dirichlet([alpha] * n, size=T))
 
 
 def barycentric_grid(n: int, resolution: int) -> Tensor:
@@ -563,6 +572,14 @@ def interior_alignment(
     def fwd(p: Mapping[str, Tensor], xb: Tensor) -> Tensor:
         return functional_call(model, {**p, **ints, **extra}, (xb,))
 
+    def project(s: int) -> None:
+        """Pᵢ ← WM(θ̃ᵢ, θᵢ), warm-started from the current Pᵢ (order seed ``seed + 1 + s``), i ≥ 2."""
+        for i in range(1, n):
+            tilde = {**verts[i], **{k: t.detach() for k, t in leaves[i - 1].items()}}
+            new = weight_matching(spec, tilde, ms[i], seed=seed + 1 + s, init=perms[i]).perm
+            if new != perms[i]:
+                perms[i], verts[i] = new, new.apply(spec, ms[i])
+
     N = x.shape[0]
     per_epoch = max(1, math.ceil(N / batch_size))
     every = eval_every or per_epoch
@@ -579,15 +596,9 @@ def interior_alignment(
             if s % per_epoch == 0:
                 order = torch.randperm(N, generator=g).to(dev)
             if s % rematch_every == 0 and not projected:
-                for i in range(1, n):
-                    tilde = {**verts[i], **{k: t.detach() for k, t in leaves[i - 1].items()}}
-                    new = weight_matching(spec, tilde, ms[i], seed=seed + 1 + s, init=perms[i]).perm
-                    if new != perms[i]:
-                        perms[i], verts[i] = new, new.apply(spec, ms[i])
+                project(s)
             idx = order[(s % per_epoch) * batch_size : (s % per_epoch + 1) * batch_size]
-            lam = sample_dirichlet(T, n, g) if concentration == 1.0 else torch.distributions.Dirichlet(
-                torch.full((n,), float(concentration), dtype=torch.float64)).sample((T,))
-            lam = lam.to(dev, ms[0][f_keys[0]].dtype)
+            lam = _dirichlet(T, n, float(concentration), g).to(dev, ms[0][f_keys[0]].dtype)
             V = {}
             for k in f_keys:
                 rows = [ms[0][k]] + [
@@ -606,11 +617,7 @@ def interior_alignment(
             projected = False
             step_losses.append(float(loss.detach()))
             if (s + 1) % every == 0 or s + 1 == steps:
-                for i in range(1, n):
-                    tilde = {**verts[i], **{k: t.detach() for k, t in leaves[i - 1].items()}}
-                    new = weight_matching(spec, tilde, ms[i], seed=seed + 1 + s, init=perms[i]).perm
-                    if new != perms[i]:
-                        perms[i], verts[i] = new, new.apply(spec, ms[i])
+                project(s + 1)
                 projected = True
                 history.append(score(verts))
                 eval_steps.append(s + 1)

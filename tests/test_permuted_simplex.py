@@ -279,3 +279,14 @@ def test_target_quick_runs(tmp_path) -> None:
     assert {"property-2", "joint-beats-star", "interior-improves", "glue-exact", "complex-ensemble"} <= ids
     glue_claim = next(c for c in summary["claims"] if c["id"] == "glue-exact")
     assert glue_claim["held"], glue_claim
+
+
+def test_interior_with_a_dirichlet_concentration_is_seeded(task) -> None:
+    model, spec, models, x, y = task
+    start = align_simplex(spec, models[:3], "star").perms
+    kw = dict(init=start, steps=6, lr=0.1, batch_size=64, eval_every=3, eval_lams=4, seed=1, concentration=0.5)
+    a = interior_alignment(model, spec, models[:3], x, y, **kw)
+    b = interior_alignment(model, spec, models[:3], x, y, **kw)
+    assert a.step_losses == b.step_losses
+    with pytest.raises(ValueError, match="concentration"):
+        interior_alignment(model, spec, models[:3], x, y, **{**kw, "concentration": 0.0})
