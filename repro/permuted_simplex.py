@@ -97,7 +97,22 @@ class PermutedSimplexConfig:
                    curve_train=TrainConfig(epochs=4, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
 
 
+# alignments already computed in this process, by (the models' identities, method label, seed): the
+# main cell's simplexes of the first 3 and 4 models are reused by the Property 2, REPAIR, ternary and
+# ensemble parts instead of being searched again
+_ALIGNED: dict = {}
+
+
 def _align(spec, model, models, label: str, data, cfg: PermutedSimplexConfig, seed: int):
+    if len(models) > 4:  # only the small simplexes are reused
+        return _align_new(spec, model, models, label, data, cfg, seed)
+    key = (tuple(id(m) for m in models), label, seed)
+    if key not in _ALIGNED:
+        _ALIGNED[key] = _align_new(spec, model, models, label, data, cfg, seed)
+    return _ALIGNED[key]
+
+
+def _align_new(spec, model, models, label: str, data, cfg: PermutedSimplexConfig, seed: int):
     meth, init = next((m, i) for lab, m, i in METHODS if lab == label)
     kw = {}
     if meth == "interior":
