@@ -59,14 +59,14 @@ from .bn import has_batchnorm, override_momentum, recompute_bn_stats_batched
 from .params import Params, check_compatible, check_finite, combine_batch, float_keys, is_float
 from .train import (
     TrainConfig,
-    _check_data,
-    _clip,
-    _opt_step_,
-    _resolve_device,
-    _seeded_rng,
-    _split,
+    check_data,
+    clip_grads,
     lr_schedule,
+    opt_step_,
     raise_if_diverged,
+    resolve_device,
+    seeded_rng,
+    split_trainable,
 )
 
 __all__ = [
@@ -436,10 +436,10 @@ def train_curve(
         raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
     if l2_on not in L2_TARGETS:
         raise ValueError(f"unknown l2_on {l2_on!r}; use one of {L2_TARGETS}")
-    _check_data(x, y, cfg)
-    p_keys, b_keys = _split(model, start)
+    check_data(x, y, cfg)
+    p_keys, b_keys = split_trainable(model, start)
     check_compatible(start, end)
-    dev = _resolve_device(device, start)
+    dev = resolve_device(device, start)
 
     init = Curve.init_linear({k: v.to(dev) for k, v in start.items()}, {k: v.to(dev) for k, v in end.items()}, ck)
     leaves = [[p[k].clone().requires_grad_(True) for k in p_keys] for p in init.free]
@@ -480,7 +480,7 @@ def train_curve(
 
     step = 0
     bar = tqdm(range(cfg.epochs), desc=f"curve {ck}", unit="epoch", disable=not progress, dynamic_ncols=True)
-    with bar, _mode(model, True), override_momentum(model, 0.1), _seeded_rng(int(seed), dev):
+    with bar, _mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
         for epoch in bar:
             order_ = torch.randperm(n, generator=g).to(dev)
             epoch_losses: list[Tensor] = []
@@ -506,9 +506,9 @@ def train_curve(
                             acc.add_(gi)
                         record = record + part.detach()
                 if cfg.grad_clip is not None:
-                    grads = _clip(grads, cfg.grad_clip, 0)
+                    grads = clip_grads(grads, cfg.grad_clip, 0)
                 step += 1
-                _opt_step_(cfg, flat_leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
+                opt_step_(cfg, flat_leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
                 epoch_losses.append(record.float())
             hist = torch.stack(epoch_losses).cpu()
             raise_if_diverged(hist, what="curve training", at=f"epoch {epoch + 1}/{cfg.epochs}",

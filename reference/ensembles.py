@@ -43,15 +43,15 @@ from .models import init_params
 from .params import Params, check_finite
 from .train import (
     TrainConfig,
-    _check_data,
-    _clip,
-    _opt_step_,
-    _resolve_device,
-    _seeded_rng,
-    _split,
-    _train_mode,
+    check_data,
+    clip_grads,
+    opt_step_,
     raise_if_diverged,
+    resolve_device,
+    seeded_rng,
+    split_trainable,
     train_many,
+    training_mode,
 )
 
 __all__ = [
@@ -198,9 +198,9 @@ def fge(
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
     lr1, lr2 = _positive("lr1", lr1), _positive("lr2", lr2)
-    _check_data(x, y, cfg)
-    p_keys, b_keys = _split(model, params_init)
-    dev = _resolve_device(device, params_init)
+    check_data(x, y, cfg)
+    p_keys, b_keys = split_trainable(model, params_init)
+    dev = resolve_device(device, params_init)
     n = x.shape[0]
     steps = cfg.steps_per_epoch(n)
     cycle = cycle_epochs * steps
@@ -225,7 +225,7 @@ def fge(
     snapshots: list[Params] = []
     i = 0
     bar = tqdm(range(n_cycles * cycle_epochs), desc="FGE", unit="epoch", disable=not progress, dynamic_ncols=True)
-    with bar, _train_mode(model), _seeded_rng(int(seed), dev):
+    with bar, training_mode(model), seeded_rng(int(seed), dev):
         for epoch in bar:
             order = torch.randperm(n, generator=g).to(dev)
             losses: list[Tensor] = []
@@ -234,9 +234,9 @@ def fge(
                 loss = F.cross_entropy(forward(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
                 grads = list(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
                 if cfg.grad_clip is not None:
-                    grads = _clip(grads, cfg.grad_clip, 0)
+                    grads = clip_grads(grads, cfg.grad_clip, 0)
                 i += 1
-                _opt_step_(cfg, leaves, grads, state, fge_learning_rate(i, cycle, lr1, lr2), i)
+                opt_step_(cfg, leaves, grads, state, fge_learning_rate(i, cycle, lr1, lr2), i)
                 losses.append(loss.detach())
                 if (i - 1) % cycle + 1 == snap:
                     got = {k: t.detach() for k, t in zip(p_keys, leaves, strict=True)}

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from .params import check_compatible, check_finite, float_keys, is_float
 from .permutation import Permutation, PermutationSpec
-from .train import TrainConfig, _check_data, _clip, _opt_step_, _split, pick_device
+from .train import TrainConfig, check_data, clip_grads, opt_step_, pick_device, split_trainable
 
 __all__ = [
     "MatchResult",
@@ -623,8 +623,8 @@ def ste_matching(
         optimizer=optimizer,
         grad_clip=grad_clip,
     )
-    _check_data(x, y, cfg)
-    p_keys, _ = _split(model, params_a)
+    check_data(x, y, cfg)
+    p_keys, _ = split_trainable(model, params_a)
     if not p_keys:
         raise ValueError("the model has no trainable parameters: nothing for the straight-through estimator to move")
     dev = next(iter(params_a.values())).device if device is None else pick_device(device)
@@ -689,8 +689,8 @@ def ste_matching(
                 )
             grads = list(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
             if cfg.grad_clip is not None:
-                grads = _clip(grads, cfg.grad_clip, 0)
-            _opt_step_(cfg, leaves, grads, state, cfg.lr, s + 1)
+                grads = clip_grads(grads, cfg.grad_clip, 0)
+            opt_step_(cfg, leaves, grads, state, cfg.lr, s + 1)
             # the midpoint's value ½(θ_a + P(θ_b)) stays finite whatever θ̃ is; θ̃ itself may not
             if not all(bool(torch.isfinite(t).all()) for t in leaves):
                 raise ValueError(

@@ -79,13 +79,13 @@ from .evaluate import evaluate_points
 from .params import Params, check_compatible, check_finite, combine_batch
 from .train import (
     TrainConfig,
-    _check_data,
-    _opt_step_,
-    _resolve_device,
-    _seeded_rng,
-    _split,
+    check_data,
     lr_schedule,
+    opt_step_,
     raise_if_diverged,
+    resolve_device,
+    seeded_rng,
+    split_trainable,
 )
 
 __all__ = [
@@ -482,10 +482,10 @@ def neb(
     if not isinstance(cfg, NEBConfig):
         raise TypeError(f"cfg must be a NEBConfig, got {type(cfg).__name__}")
     tc = cfg.train
-    _check_data(x, y, tc)
+    check_data(x, y, tc)
     check_compatible(start, end)
-    p_keys, b_keys = _split(model, start)
-    _split(model, end)
+    p_keys, b_keys = split_trainable(model, start)
+    split_trainable(model, end)
     if not p_keys:
         raise ValueError("the model has no trainable parameters: nothing to relax")
     dtypes = {start[k].dtype for k in p_keys}
@@ -495,7 +495,7 @@ def neb(
         )
     check_finite(start, "start")
     check_finite(end, "end")
-    dev = _resolve_device(device, start)
+    dev = resolve_device(device, start)
     like = {k: start[k] for k in p_keys}
     s_flat = torch.cat([start[k].detach().to(dev).reshape(-1) for k in p_keys])
     e_flat = torch.cat([end[k].detach().to(dev).reshape(-1) for k in p_keys])
@@ -521,7 +521,7 @@ def neb(
     history: list[dict[str, Any]] = []
     total_steps = cfg.cycles * tc.epochs * steps
     bar = tqdm(total=total_steps, desc="AutoNEB", unit="step", disable=not progress, dynamic_ncols=True)
-    with bar, _mode(model, True), override_momentum(model, 0.1), _seeded_rng(int(seed), dev):
+    with bar, _mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
         for cycle in range(cfg.cycles):
             inserted: list[tuple[int, float, float]] = []
             if cycle > 0 and cfg.insert_per_cycle > 0 and chain.shape[0] - 2 < cfg.max_pivots:
@@ -553,7 +553,7 @@ def neb(
                         tau = improved_tangents(cur, losses.detach())
                         force = nudged_forces(grad, cur, tau, cfg.spring_k)
                         step += 1
-                        _opt_step_(tc, [leaf], [-force], state, lr_schedule(tc, step - 1, total), step)
+                        opt_step_(tc, [leaf], [-force], state, lr_schedule(tc, step - 1, total), step)
                         if not math.isfinite(cfg.spring_k):
                             leaf.copy_(redistribute(torch.cat([s_flat[None], leaf, e_flat[None]]))[1:-1])
                     epoch_losses.append(losses[1:-1].detach().mean().float())

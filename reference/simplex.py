@@ -88,14 +88,14 @@ from .bn import override_momentum
 from .params import Params, check_compatible, check_finite, combine, combine_batch, float_keys, is_float
 from .train import (
     TrainConfig,
-    _check_data,
-    _clip,
-    _opt_step_,
-    _resolve_device,
-    _seeded_rng,
-    _split,
+    check_data,
+    clip_grads,
     lr_schedule,
+    opt_step_,
     raise_if_diverged,
+    resolve_device,
+    seeded_rng,
+    split_trainable,
 )
 
 __all__ = [
@@ -522,9 +522,9 @@ def train_simplex(
         )
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; use one of {WEIGHTINGS}")
-    _check_data(x, y, cfg)
-    p_keys, b_keys = _split(model, fixed[0])
-    dev = _resolve_device(device, fixed[0])
+    check_data(x, y, cfg)
+    p_keys, b_keys = split_trainable(model, fixed[0])
+    dev = resolve_device(device, fixed[0])
     m = len(fixed)
     job = _SproJob(
         model=model,
@@ -543,7 +543,7 @@ def train_simplex(
         progress=progress,
     )
     verts: list[Params] = [{k: v.detach().to(dev).clone() for k, v in p.items()} for p in fixed]
-    with _mode(model, True), override_momentum(model, 0.1), _seeded_rng(int(seed), dev):
+    with _mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
         for stage in range(1, n_free + 1):
             new = job.train_vertex(verts, mode_connecting_simplices(m, stage), stage, n_free)
             verts.append({k: new[k] for k in fixed[0]})
@@ -640,9 +640,9 @@ class _SproJob:
                         loss = loss - self.lam * self._log_volume(simplices, const_flat, leaves).to(loss.dtype)
                     grads = list(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
                     if cfg.grad_clip is not None:
-                        grads = _clip(grads, cfg.grad_clip, 0)
+                        grads = clip_grads(grads, cfg.grad_clip, 0)
                     step += 1
-                    _opt_step_(cfg, leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
+                    opt_step_(cfg, leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
                     hist.append(loss.detach())
                 h = torch.stack(hist).cpu()
                 raise_if_diverged(h, what="SPRO", at=f"vertex {stage}/{n_free}, epoch {epoch + 1}/{cfg.epochs}",

@@ -70,11 +70,18 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "TrainConfig",
+    "check_data",
+    "clip_grads",
     "lr_schedule",
+    "opt_step_",
     "pick_device",
     "raise_if_diverged",
+    "resolve_device",
+    "seeded_rng",
+    "split_trainable",
     "train",
     "train_many",
+    "training_mode",
 ]
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -269,10 +276,11 @@ def train_many(
 
 
 # ---------------------------------------------------------------------------------------------
-# the shared loop
+# the shared loop, and its pieces that curve, simplex, FGE, STE and NEB training loops reuse
 
 
-def _check_data(x: Tensor, y: Tensor, cfg: TrainConfig) -> None:
+def check_data(x: Tensor, y: Tensor, cfg: TrainConfig) -> None:
+    """``TypeError`` / ``ValueError`` unless (x, y) is a non-empty labelled set that yields a minibatch."""
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
         raise TypeError(f"x and y must be tensors, got {type(x).__name__} and {type(y).__name__}")
     if y.ndim != 1 or is_float(y) or y.dtype == torch.bool:
@@ -287,7 +295,7 @@ def _check_data(x: Tensor, y: Tensor, cfg: TrainConfig) -> None:
         )
 
 
-def _split(model: nn.Module, params: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
+def split_trainable(model: nn.Module, params: Mapping[str, Tensor]) -> tuple[list[str], list[str]]:
     """Keys of trainable parameters and of buffers; ``ValueError`` if ``params`` does not fit ``model``."""
     expected = list(model.state_dict().keys())
     missing = [k for k in expected if k not in params]
@@ -306,14 +314,15 @@ def _split(model: nn.Module, params: Mapping[str, Tensor]) -> tuple[list[str], l
     return p_keys, b_keys
 
 
-def _resolve_device(device: torch.device | str | None, params: Mapping[str, Tensor]) -> torch.device:
+def resolve_device(device: torch.device | str | None, params: Mapping[str, Tensor]) -> torch.device:
+    """``pick_device(device)``, or the device the parameters are on when ``device`` is None."""
     if device is None:
         return next(iter(params.values())).device
     return pick_device(device)
 
 
 @contextmanager
-def _seeded_rng(seed: int, dev: torch.device) -> Iterator[None]:
+def seeded_rng(seed: int, dev: torch.device) -> Iterator[None]:
     """Fork torch's global RNG and seed it: dropout masks follow ``seed``; the caller's state returns.
 
     On CUDA every GPU's generator is forked and seeded; on CPU only the CPU generator is touched
@@ -330,7 +339,7 @@ def _seeded_rng(seed: int, dev: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def _train_mode(model: nn.Module) -> Iterator[None]:
+def training_mode(model: nn.Module) -> Iterator[None]:
     """Put ``model`` in train mode and restore every submodule's flag afterwards."""
     modes = {m: m.training for m in model.modules()}
     model.train()
@@ -346,7 +355,7 @@ def _flat_sq_norm(g: Tensor, bd: int) -> Tensor:
 
 
 @torch.no_grad()
-def _clip(grads: list[Tensor], max_norm: float, bd: int) -> list[Tensor]:
+def clip_grads(grads: list[Tensor], max_norm: float, bd: int) -> list[Tensor]:
     """Each model's gradients scaled to global norm ≤ ``max_norm`` (as ``clip_grad_norm_``)."""
     total = torch.stack([_flat_sq_norm(g, bd) for g in grads]).sum(0).sqrt()  # [] or [K]
     coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
@@ -354,7 +363,7 @@ def _clip(grads: list[Tensor], max_norm: float, bd: int) -> list[Tensor]:
 
 
 @torch.no_grad()
-def _opt_step_(
+def opt_step_(
     cfg: TrainConfig,
     params: list[Tensor],
     grads: list[Tensor],
@@ -409,9 +418,9 @@ def _fit(
     """The loop behind ``train`` (``batched=False``, one model) and ``train_many`` (``batched=True``)."""
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    _check_data(x, y, cfg)
-    p_keys, b_keys = _split(model, params_list[0])
-    dev = _resolve_device(device, params_list[0])
+    check_data(x, y, cfg)
+    p_keys, b_keys = split_trainable(model, params_list[0])
+    dev = resolve_device(device, params_list[0])
     K = len(seeds)
     bd = 1 if batched else 0  # leading batch dims of every tensor in the loop
 
@@ -454,7 +463,7 @@ def _fit(
         disable=not progress,
         dynamic_ncols=True,
     )
-    with bar, _train_mode(model), _seeded_rng(int(seeds[0]), dev):
+    with bar, training_mode(model), seeded_rng(int(seeds[0]), dev):
         for epoch in bar:
             order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(dev)  # [K, n]
             if not batched:
@@ -470,9 +479,9 @@ def _fit(
                     loss = losses = ce(forward(leaves, buffers, xb), yb)
                 grads = list(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
                 if cfg.grad_clip is not None:
-                    grads = _clip(grads, cfg.grad_clip, bd)
+                    grads = clip_grads(grads, cfg.grad_clip, bd)
                 step += 1
-                _opt_step_(cfg, leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
+                opt_step_(cfg, leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
                 epoch_losses.append(losses.detach())
             # one host sync per epoch: find the first non-finite loss, if any
             hist = torch.stack(epoch_losses).reshape(steps, -1).cpu()  # [steps, K]
