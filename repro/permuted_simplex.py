@@ -438,6 +438,8 @@ def _barrier_figure(ctx: RunContext, rows: list[dict], cfg: PermutedSimplexConfi
         axes[0, j].axhline(cfg.low_loss, color="grey", ls="--", lw=0.8)
         sns.lineplot(d, x="n", y="mean_loss", hue="method", marker="o", ax=axes[1, j], legend=False)
         axes[1, j].set_yscale("log")
+        for i in range(2):
+            axes[i, j].set_ylabel("")
     axes[0, 0].set_ylabel("simplex barrier (train loss, Eq. SB)")
     axes[1, 0].set_ylabel("mean train loss over the simplex")
     ctx.save_figure(fig, "simplex_barrier")
