@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from .bn import has_batchnorm, recompute_bn_stats_batched
 from .evaluate import evaluate_points
 from .params import combine_batch
 
@@ -119,9 +120,32 @@ def evaluate_path(
     t: Tensor,
     stacked: Mapping[str, Tensor],
     splits: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    recompute_bn: bool = False,
+    bn_x: Tensor | None = None,
+    bn_batch_size: int | None = None,
+    bn_method: str = "pooled",
     **eval_kwargs,
 ) -> PathEval:
-    """Evaluate the G stacked path points on every split in one vmapped pass per split."""
+    """Evaluate the G stacked path points on every split in one vmapped pass per split.
+
+    With ``recompute_bn`` and a BatchNorm model, every point's running statistics are first
+    recomputed (``reference.bn.recompute_bn_stats_batched``, ``bn_method``, ``bn_batch_size``) on
+    ``bn_x`` (default: the inputs of the split named ``"train"``, else of the first split), as
+    Garipov et al. do before evaluating a point of a curve; points are then evaluated in eval mode.
+    ``eval_kwargs``: ``chunk_size``, ``batch_size``, ``device`` of ``evaluate_points``.
+    """
+    if not splits:
+        raise ValueError("splits is empty: give at least one (x, y) split to evaluate on")
+    dev = eval_kwargs.get("device")
+    if dev is not None:
+        stacked = {k: v.to(dev) for k, v in stacked.items()}
+    if recompute_bn and has_batchnorm(model):
+        if bn_x is None:
+            bn_x = splits["train"][0] if "train" in splits else next(iter(splits.values()))[0]
+        stacked = recompute_bn_stats_batched(
+            model, stacked, bn_x, batch_size=bn_batch_size, method=bn_method, chunk_size=eval_kwargs.get("chunk_size")
+        )
     curves = {}
     for name, (x, y) in splits.items():
         m = evaluate_points(model, stacked, x, y, **eval_kwargs)

@@ -55,7 +55,7 @@ from torch.func import functional_call, vmap
 from tqdm import tqdm
 
 from .barrier import PathEval, evaluate_path
-from .bn import has_batchnorm, override_momentum, recompute_bn_stats_batched
+from .bn import override_momentum
 from .params import Params, check_compatible, check_finite, combine_batch, float_keys, is_float
 from .train import (
     TrainConfig,
@@ -568,13 +568,5 @@ def evaluate_curve(
     else:
         t = _as_t(t_grid).to(torch.float64)
     stacked = curve.points_at(t)
-    dev = eval_kwargs.get("device")
-    if dev is not None:
-        stacked = {k: v.to(dev) for k, v in stacked.items()}
-    if recompute_bn and has_batchnorm(model):
-        if bn_x is None:
-            bn_x = splits["train"][0] if "train" in splits else next(iter(splits.values()))[0]
-        stacked = recompute_bn_stats_batched(
-            model, stacked, bn_x, batch_size=bn_batch_size, method=bn_method, chunk_size=eval_kwargs.get("chunk_size")
-        )
-    return evaluate_path(model, t, stacked, splits, **eval_kwargs)
+    return evaluate_path(model, t, stacked, splits, recompute_bn=recompute_bn, bn_x=bn_x, bn_batch_size=bn_batch_size,
+                         bn_method=bn_method, **eval_kwargs)

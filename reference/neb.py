@@ -74,7 +74,7 @@ from torch.func import functional_call, vmap
 from tqdm import tqdm
 
 from .barrier import PathEval, evaluate_path
-from .bn import has_batchnorm, override_momentum, recompute_bn_stats_batched
+from .bn import has_batchnorm, override_momentum
 from .evaluate import evaluate_points
 from .params import Params, check_compatible, check_finite, combine_batch
 from .train import (
@@ -607,13 +607,5 @@ def evaluate_neb(
     if not splits:
         raise ValueError("splits is empty: give at least one (x, y) split to evaluate on")
     t, stacked = path.grid(sub, param)
-    dev = eval_kwargs.get("device")
-    if dev is not None:
-        stacked = {k: v.to(dev) for k, v in stacked.items()}
-    if recompute_bn and has_batchnorm(model):
-        if bn_x is None:
-            bn_x = splits["train"][0] if "train" in splits else next(iter(splits.values()))[0]
-        stacked = recompute_bn_stats_batched(
-            model, stacked, bn_x, batch_size=bn_batch_size, method=bn_method, chunk_size=eval_kwargs.get("chunk_size")
-        )
-    return evaluate_path(model, t, stacked, splits, **eval_kwargs)
+    return evaluate_path(model, t, stacked, splits, recompute_bn=recompute_bn, bn_x=bn_x, bn_batch_size=bn_batch_size,
+                         bn_method=bn_method, **eval_kwargs)

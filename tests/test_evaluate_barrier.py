@@ -127,3 +127,27 @@ def test_evaluate_path_endpoints_and_barrier_zero_for_identical():
     pe = evaluate_path(model, t, pts, {"train": (x, y)})
     assert all(abs(v) < 1e-6 for k, v in pe.barrier_table().items() if k.endswith("max_chord"))
     assert all(abs(v) < 1e-6 for v in pe.barrier_table().values())
+
+
+def test_evaluate_path_recomputes_batchnorm_statistics_when_asked() -> None:
+    """``recompute_bn=True``: the points' running statistics are recomputed on the train split's inputs
+    first (as ``recompute_bn_stats_batched`` does), then evaluated in eval mode; without it the
+    interpolated statistics are used as they are."""
+    from reference.bn import recompute_bn_stats_batched
+    from reference.models import build_model, init_params
+
+    model = build_model({"name": "vgg", "in_channels": 1, "channels": [4, 4], "num_classes": 3, "norm": "batch",
+                         "dims": 1})
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 1, 12, generator=g), torch.randint(0, 3, (32,), generator=g)
+    a, b = init_params(model, 0), init_params(model, 1)
+    a["features.0.norm.running_var"] = a["features.0.norm.running_var"] * 5  # stored stats far from the data's
+    t, pts = linear_path(a, b, 5)
+    splits = {"train": (x, y)}
+    got = evaluate_path(model, t, pts, splits, recompute_bn=True)
+    ref = evaluate_path(model, t, recompute_bn_stats_batched(model, pts, x), splits)
+    raw = evaluate_path(model, t, pts, splits)
+    torch.testing.assert_close(got.curves["train"]["loss"], ref.curves["train"]["loss"])
+    assert not torch.allclose(got.curves["train"]["loss"], raw.curves["train"]["loss"])
+    with pytest.raises(ValueError, match="splits is empty"):
+        evaluate_path(model, t, pts, {})
