@@ -290,3 +290,19 @@ def test_interior_with_a_dirichlet_concentration_is_seeded(task) -> None:
     assert a.step_losses == b.step_losses
     with pytest.raises(ValueError, match="concentration"):
         interior_alignment(model, spec, models[:3], x, y, **{**kw, "concentration": 0.0})
+
+
+@pytest.mark.gpu
+def test_simplex_barrier_and_interior_on_cuda(task) -> None:
+    """The barrier measured on CUDA equals the CPU one (TF32 tolerance); the interior search runs on
+    CUDA and its score never exceeds its start."""
+    model, spec, models, x, y = task
+    vs = align_simplex(spec, models[:3], "star").vertices
+    cpu = simplex_barrier(model, vs, x, y, method="grid", resolution=6)
+    gpu = simplex_barrier(model, [{k: v.cuda() for k, v in p.items()} for p in vs], x.cuda(), y.cuda(),
+                          method="grid", resolution=6)
+    assert gpu.value == pytest.approx(cpu.value, abs=5e-3)
+    start = align_simplex(spec, models[:3], "star").perms
+    r = interior_alignment(model, spec, models[:3], x, y, init=start, steps=10, lr=0.1, batch_size=64,
+                           eval_lams=4, device="cuda")
+    assert r.score <= r.history[0]
