@@ -50,7 +50,8 @@ REPAIR (Jordan et al. 2023) at every point (``reference.merge.repair``, one poin
   projections every ``eval_every`` steps) are scored by the mean loss on all of (x, y) at a fixed
   set of ``eval_lams`` Dirichlet points; the best is returned, so the result is never worse than
   its initialisation on that score *by construction* (``best_step == 0`` says nothing better was
-  found).
+  found). BatchNorm nets: ``train_mode=True`` takes the steps with batch statistics; the score can
+  be taken with a BN reset or REPAIR at every evaluation point (``correction``).
 
 **Gluing** (``glue``): low-loss simplexes built from overlapping sets of modes, each in its own
 labelling, are glued into a simplicial complex by identifying vertices of one permutation
@@ -496,6 +497,7 @@ def interior_alignment(
     eval_lams: int = 32,
     optimizer: str = "adam",
     train_mode: bool = False,
+    correction: str | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
     progress: bool = False,
@@ -507,7 +509,10 @@ def interior_alignment(
     ``torch.Generator().manual_seed(seed)``; projection at step s uses weight-matching order seed
     ``seed + 1 + s``. ``optimizer``: ``"adam"`` or ``"sgd"`` (momentum 0.9) on the free points, constant
     ``lr``. ``eval_every`` defaults to one epoch of ``x``. ``train_mode=True`` evaluates the points with
-    batch statistics (BatchNorm nets, in place of a BN reset at every sampled point).
+    batch statistics (BatchNorm nets, in place of a BN reset at every sampled point). ``correction``
+    (``"bn_reset"`` or ``"repair"``) scores the candidates with that correction applied at every
+    evaluation point (``evaluate_simplex``): the search then selects permutations for the corrected
+    simplex; the steps themselves are unchanged.
     """
     ms = _check_models(spec, models)
     n = len(ms)
@@ -520,6 +525,8 @@ def interior_alignment(
         raise ValueError(f"concentration must be a positive number, got {concentration!r}")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
+    if correction not in CORRECTIONS:
+        raise ValueError(f"unknown correction {correction!r}; known: {CORRECTIONS}")
     if optimizer not in ("adam", "sgd"):
         raise ValueError(f"optimizer must be 'adam' or 'sgd', got {optimizer!r}")
     if x.shape[0] != y.shape[0] or x.shape[0] == 0:
@@ -553,6 +560,9 @@ def interior_alignment(
     eval_lam = sample_dirichlet(eval_lams, n, torch.Generator().manual_seed(seed + 7919))
 
     def score(vs: Sequence[Mapping[str, Tensor]]) -> float:
+        if correction is not None:  # BN reset / REPAIR at every evaluation point, then eval mode
+            ev = evaluate_simplex(model, vs, x, y, eval_lam, correction=correction, x_stats=x)
+            return float(ev.loss.double().mean())
         pts = _points(vs, eval_lam)
         was = model.training
         model.train(train_mode)

@@ -306,3 +306,17 @@ def test_simplex_barrier_and_interior_on_cuda(task) -> None:
     r = interior_alignment(model, spec, models[:3], x, y, init=start, steps=10, lr=0.1, batch_size=64,
                            eval_lams=4, device="cuda")
     assert r.score <= r.history[0]
+
+
+def test_interior_scored_with_repair(task) -> None:
+    """``correction="repair"``: candidates are scored on the REPAIRed simplex, so history[0] is the
+    start's mean REPAIRed loss at the evaluation points."""
+    model, spec, models, x, y = task
+    start = align_simplex(spec, models[:3], "star").perms
+    r = interior_alignment(model, spec, models[:3], x, y, init=start, steps=8, lr=0.1, batch_size=64,
+                           eval_every=4, eval_lams=4, correction="repair", seed=2)
+    plain = interior_alignment(model, spec, models[:3], x, y, init=start, steps=8, lr=0.1, batch_size=64,
+                               eval_every=4, eval_lams=4, seed=2)
+    assert r.score <= r.history[0] and r.history[0] != plain.history[0]
+    with pytest.raises(ValueError, match="unknown correction"):
+        interior_alignment(model, spec, models[:3], x, y, init=start, steps=1, correction="bn")
