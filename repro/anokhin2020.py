@@ -22,7 +22,8 @@ import torch
 
 from reference.data import load_dataset
 from reference.distribution import connection_path, wa_ensemble
-from reference.evaluate import ensemble_metrics, evaluate_points, predict_logits
+from reference.ensembles import ensemble_probs
+from reference.evaluate import ensemble_metrics, evaluate_points
 from reference.models import build_model
 from reference.params import stack
 from reference.train import TrainConfig
@@ -61,30 +62,35 @@ def _model_config(data, widths: list[int]) -> dict:
 
 
 def _path_job(model, a: dict, b: dict, data, methods: tuple[str, ...], pps: int) -> dict:
-    """Every method's path a → b on the grid, evaluated once per split (all points stacked)."""
-    out = {}
+    """Every method's path a → b on the grid and the two endpoints, all stacked: one evaluation per split."""
+    grids = []
     for method in methods:
         path = connection_path(method, a, b, data.x_train)
         tau, pts = path.grid(pps)
-        tr = evaluate_points(model, pts, data.x_train, data.y_train)
-        te = evaluate_points(model, pts, data.x_test, data.y_test)
-        out[method] = {"tau": (tau / path.segments).tolist(), "segments": path.segments,
-                       "train_loss": tr.loss.tolist(), "train_error": tr.error.tolist(),
-                       "test_loss": te.loss.tolist(), "test_error": te.error.tolist()}
-    ends = evaluate_points(model, stack([a, b]), data.x_test, data.y_test)
-    ends_tr = evaluate_points(model, stack([a, b]), data.x_train, data.y_train)
-    out["endpoints"] = {"train_loss": ends_tr.loss.tolist(), "test_error": ends.error.tolist()}
+        grids.append((method, (tau / path.segments).tolist(), path.segments, pts))
+    parts = [pts for *_, pts in grids] + [stack([a, b])]
+    allpts = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+    tr = evaluate_points(model, allpts, data.x_train, data.y_train)
+    te = evaluate_points(model, allpts, data.x_test, data.y_test)
+    out, s = {}, 0
+    for method, tau, segments, _ in grids:
+        sl = slice(s, s + len(tau))
+        s += len(tau)
+        out[method] = {"tau": tau, "segments": segments,
+                       "train_loss": tr.loss[sl].tolist(), "train_error": tr.error[sl].tolist(),
+                       "test_loss": te.loss[sl].tolist(), "test_error": te.error[sl].tolist()}
+    out["endpoints"] = {"train_loss": tr.loss[s:].tolist(), "test_error": te.error[s:].tolist()}
     return out
 
 
 def _ensemble_job(model, nets: list[dict], data, n_tops: tuple[int, ...]) -> dict:
     x, y = data.x_test, data.y_test
-    probs = predict_logits(model, stack(nets), x).softmax(-1)
+    probs = ensemble_probs(model, stack(nets), x)
     single = [float((p.argmax(-1) != y).double().mean()) for p in probs]
     out = {"single_error": single, "ensemble": ensemble_metrics(probs, y)}
     for n in n_tops:
         members = wa_ensemble(nets[0], nets[1:], data.x_train, n)
-        pm = predict_logits(model, stack(members), x).softmax(-1)
+        pm = ensemble_probs(model, stack(members), x)
         out[f"WA({n})"] = ensemble_metrics(pm, y)
         out[f"WA({n})_members_error"] = [float((p.argmax(-1) != y).double().mean()) for p in pm]
     return out

@@ -57,6 +57,17 @@ def _jsonable(obj: Any) -> Any:
     return repr(obj)
 
 
+def _restore_floats(obj: Any) -> Any:
+    """Undo ``_jsonable``'s spelling of non-finite floats ("nan", "inf", "-inf") in a stored result."""
+    if isinstance(obj, dict):
+        return {k: _restore_floats(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_restore_floats(v) for v in obj]
+    if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
+        return float(obj)
+    return obj
+
+
 def config_hash(obj: Any) -> str:
     """A stable 16-hex-digit hash of a JSON-able description."""
     text = json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"))
@@ -200,16 +211,18 @@ class RunContext:
 
     # --- caching ----------------------------------------------------------------------------
     def job(self, key: Any, fn: Callable[[], Any]) -> Any:
-        """Run ``fn`` once per ``key``; its JSON-able result is stored and reused on the next run."""
+        """Run ``fn`` once per ``key``; its JSON-able result is stored and reused on the next run.
+
+        The result comes back the same way both times: JSON types, non-finite floats as floats."""
         path = self.out / ".jobs" / f"{config_hash(key)}.json"
         if path.is_file():
             try:
-                return json.loads(path.read_text())["result"]
+                return _restore_floats(json.loads(path.read_text())["result"])
             except (json.JSONDecodeError, KeyError):
                 path.unlink()  # a torn file from an older, non-atomic writer: recompute
         result = _jsonable(fn())
         atomic_write_text(json.dumps({"key": _jsonable(key), "result": result}), path)
-        return result
+        return _restore_floats(result)
 
     # --- finish -----------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:

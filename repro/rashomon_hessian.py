@@ -146,17 +146,6 @@ def _point_job(model, curve: Curve, t: float, data, cfg: RashomonConfig, seed: i
     return out
 
 
-def _floats(obj):
-    """Undo the JSON cache's spelling of non-finite floats ("nan", "inf") inside a job result."""
-    if isinstance(obj, dict):
-        return {k: _floats(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_floats(v) for v in obj]
-    if isinstance(obj, str) and obj in ("nan", "inf", "-inf"):
-        return float(obj)
-    return obj
-
-
 def _rows(res: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
     spec, hv, est = [], [], []
     for r in res:
@@ -231,7 +220,7 @@ def run(ctx: RunContext) -> None:
     for i, t in enumerate(ts):
         key = {"target": "rashomon-hessian", "t": round(t, 9), "cfg": asdict(cfg), "model": mcfg, "ckey": ckey}
         r = ctx.job(key, lambda t=t: _point_job(model64, curve64, t, d64, cfg, ctx.seed, jac_ref))
-        r = dict(_floats(r), segment_loss=float(on_seg.loss[i]), test_error=float(test.error[i]))
+        r = dict(r, segment_loss=float(on_seg.loss[i]), test_error=float(test.error[i]))
         ctx.log(f"  t={t:.3f}: loss {r['loss']:.4f} (segment {r['segment_loss']:.4f}), |∇L| {r['grad_norm']:.2e}, "
                 f"λ_max {r['exact_top'][0]:.3f}, trace {r['exact_trace']:.2f}, "
                 f"#|λ|≤1e-3λmax {r['near_zero']['0.001']}/{r['dim']}, λ_min {r['lambda_min']:.3g}; "

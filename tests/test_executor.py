@@ -279,3 +279,15 @@ def test_ray_executor_equals_local(ctx, local_results):
     finally:
         ex.shutdown()
     assert not ray.is_initialized()
+
+
+def test_job_returns_non_finite_floats_as_floats_fresh_and_cached(tmp_path) -> None:
+    """JSON spells NaN/inf as strings on disk; ``ctx.job`` hands back floats both times."""
+    import math
+
+    ctx = RunContext(target="nan-test", out_root=tmp_path, quick=True, device=torch.device("cpu"),
+                     cache_dir=tmp_path / "cache", progress=False)
+    fresh = ctx.job({"k": 1}, lambda: {"a": float("nan"), "b": [float("inf"), -math.inf, 1.5], "c": "name"})
+    cached = ctx.job({"k": 1}, lambda: pytest.fail("recomputed"))
+    for r in (fresh, cached):
+        assert math.isnan(r["a"]) and r["b"][:2] == [math.inf, -math.inf] and r["b"][2] == 1.5 and r["c"] == "name"
