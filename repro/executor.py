@@ -42,7 +42,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from reference.checkpoint import atomic_write_text
 
-from .common import RunContext, _jsonable, config_hash
+from .common import RunContext, _jsonable, _restore_floats, config_hash
 
 __all__ = [
     "EXECUTORS",
@@ -310,7 +310,7 @@ def _cached(path: Path) -> tuple[bool, Any]:
     if not path.is_file():
         return False, None
     try:
-        return True, json.loads(path.read_text())["result"]
+        return True, _restore_floats(json.loads(path.read_text())["result"])
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
         path.unlink(missing_ok=True)  # torn or foreign: recompute
         return False, None
@@ -323,8 +323,8 @@ def run_jobs(ctx: RunContext, fn: Callable[..., Any], jobs: Sequence[Job],
 
     Cached jobs are not submitted; jobs with equal keys run once. Every result is written to its
     job file (atomically) as soon as the executor hands it back, so if the sweep is interrupted or a
-    job fails, the finished jobs stay cached. Returns the results in job order, as JSON-able values
-    (a fresh result equals what the cache gives back on the next run).
+    job fails, the finished jobs stay cached. Returns the results in job order, as JSON values with
+    non-finite floats as floats, like ``ctx.job`` (a fresh result equals what the cache gives back).
     """
     jobs = [(key, kwargs) for key, kwargs in jobs]
     results: list[Any] = [None] * len(jobs)
@@ -354,7 +354,7 @@ def run_jobs(ctx: RunContext, fn: Callable[..., Any], jobs: Sequence[Job],
         value = _jsonable(value)
         atomic_write_text(json.dumps({"key": _jsonable(key), "result": value}), ctx.out / ".jobs" / f"{h}.json")
         for j in todo[h]:
-            results[j] = value
+            results[j] = _restore_floats(value)
         done.add(k)
     if len(done) != len(sub):
         raise RuntimeError(f"{executor!r} returned results for {len(done)} of {len(sub)} jobs")

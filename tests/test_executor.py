@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,11 @@ def test_ray_missing_is_a_clear_error(monkeypatch):
 
 
 # --- caching and resumption ---------------------------------------------------------------------
+def _js(results) -> str:
+    """Results compared as JSON text (NaN ≠ NaN as floats, but their spellings are equal)."""
+    return json.dumps(results, sort_keys=True)
+
+
 def _count_jobs(log: Path, xs=range(5)) -> list:
     return [({"job": "count", "x": x}, {"x": x, "log": str(log)}) for x in xs]
 
@@ -152,16 +158,17 @@ def test_run_jobs_caches_every_job_in_ctx_job_files(ctx, tmp_path):
     log = tmp_path / "log.txt"
     jobs = _count_jobs(log)
     first = run_jobs(ctx, counting_job, jobs, LocalExecutor())
-    assert first[3] == {"x": 3, "square": 9, "tuple": [3, 4], "nan": "nan"}
+    assert math.isnan(first[3]["nan"])  # stored as "nan" on disk, handed back as a float
+    assert _js(first[3]) == _js({"x": 3, "square": 9, "tuple": [3, 4], "nan": math.nan})
     assert sorted(runs(log)) == [0, 1, 2, 3, 4]
     for key, _ in jobs:
         stored = json.loads(job_path(ctx, key).read_text())
         assert stored["key"] == key
     # a fresh result equals the cached one, and ctx.job finds run_jobs' files (the same cache)
     again = Recording(LocalExecutor())
-    assert run_jobs(ctx, counting_job, jobs, again) == first
+    assert _js(run_jobs(ctx, counting_job, jobs, again)) == _js(first)
     assert again.received == []
-    assert ctx.job(jobs[2][0], lambda: pytest.fail("ctx.job recomputed a cached job")) == first[2]
+    assert _js(ctx.job(jobs[2][0], lambda: pytest.fail("ctx.job recomputed a cached job"))) == _js(first[2])
     assert sorted(runs(log)) == [0, 1, 2, 3, 4]
 
 
@@ -183,7 +190,7 @@ def test_resumption_recomputes_only_the_missing_job(ctx, tmp_path):
     job_path(ctx, jobs[3][0]).unlink()
     log.unlink()
     rec = Recording(LocalExecutor())
-    assert run_jobs(ctx, counting_job, jobs, rec) == first
+    assert _js(run_jobs(ctx, counting_job, jobs, rec)) == _js(first)
     assert rec.received == [jobs[3][0]]
     assert runs(log) == [3]
 
@@ -196,9 +203,9 @@ def test_a_torn_job_file_is_recomputed(ctx, tmp_path):
     path.write_text(path.read_text()[:17])  # a partial write by an older, non-atomic writer
     job_path(ctx, jobs[4][0]).write_text('{"key": 4}')  # valid JSON without a result
     log.unlink()
-    assert run_jobs(ctx, counting_job, jobs, LocalExecutor()) == first
+    assert _js(run_jobs(ctx, counting_job, jobs, LocalExecutor())) == _js(first)
     assert sorted(runs(log)) == [1, 4]
-    assert json.loads(path.read_text())["result"] == first[1]
+    assert json.loads(path.read_text())["result"] == {**first[1], "nan": "nan"}
 
 
 def test_repeated_keys_run_once(ctx, tmp_path):
