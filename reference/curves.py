@@ -43,8 +43,7 @@ evaluated t (``reference/bn.py``, the authors' ``update_bn``) before evaluating 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +61,7 @@ from .train import (
     check_data,
     clip_grads,
     lr_schedule,
+    module_mode,
     opt_step_,
     raise_if_diverged,
     resolve_device,
@@ -320,17 +320,6 @@ class Curve:
 # the objective of Eq. (2)
 
 
-@contextmanager
-def _mode(model: nn.Module, train: bool) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
-    model.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 def _forward_points(
     model: nn.Module, stacked: Params, extra: Mapping[str, Tensor], xb: Tensor, vectorized: bool
 ) -> Tensor:
@@ -373,7 +362,7 @@ def curve_loss(
     extra = {n: b for n, b in model.named_buffers() if n not in curve.start}
     stacked = curve.points_at(t)
     stacked = {k: v.to(dev) for k, v in stacked.items()}
-    with _mode(model, train_mode), override_momentum(model, 0.1):
+    with module_mode(model, train_mode), override_momentum(model, 0.1):
         logits = _forward_points(model, stacked, extra, x.to(dev), vectorized)
     return _data_loss(logits, y.to(dev, dtype=torch.long), label_smoothing)
 
@@ -480,7 +469,7 @@ def train_curve(
 
     step = 0
     bar = tqdm(range(cfg.epochs), desc=f"curve {ck}", unit="epoch", disable=not progress, dynamic_ncols=True)
-    with bar, _mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
+    with bar, module_mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
         for epoch in bar:
             order_ = torch.randperm(n, generator=g).to(dev)
             epoch_losses: list[Tensor] = []

@@ -32,8 +32,7 @@ dropout is off), so L is a deterministic function of θ and its Hessian H = ∇�
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +43,7 @@ from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
 from .curves import Curve
 from .params import Params, check_compatible, flatten, float_keys
+from .train import module_mode
 
 __all__ = [
     "LossHessian",
@@ -107,17 +107,6 @@ def hvp_double_backward(f: ScalarFn, theta: Tensor, v: Tensor) -> Tensor:
 # the Hessian of a model's training loss
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 @dataclass(frozen=True, eq=False)
 class LossHessian:
     """H = ∇²L(θ) of L(θ) = (1/N) Σₙ CE(f(θ, xₙ), yₙ) at one point, as HVPs (build with ``loss_hessian``).
@@ -173,7 +162,7 @@ class LossHessian:
         return lambda flat: sum(f(flat) for f in fs)
 
     def _sum_chunks(self, op: Callable[[ScalarFn], Tensor]) -> Tensor:
-        with _eval_mode(self.model):
+        with module_mode(self.model, False):
             out = None
             for xb, yb in self._batches():
                 r = op(self.chunk_loss(xb, yb))
@@ -516,5 +505,5 @@ def input_jacobian(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) ->
     def f(xi: Tensor) -> Tensor:
         return functional_call(model, p, (xi.unsqueeze(0),)).squeeze(0)
 
-    with _eval_mode(model):
+    with module_mode(model, False):
         return vmap(jacrev(f))(x).detach()

@@ -29,8 +29,7 @@ Cuturi 2013), anneals the temperature, and rounds each matrix to a permutation w
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +42,7 @@ from tqdm import tqdm
 
 from .params import check_compatible, check_finite, float_keys, is_float
 from .permutation import Permutation, PermutationSpec
-from .train import TrainConfig, check_data, clip_grads, opt_step_, pick_device, split_trainable
+from .train import TrainConfig, check_data, clip_grads, module_mode, opt_step_, pick_device, split_trainable
 
 __all__ = [
     "MatchResult",
@@ -525,18 +524,6 @@ class STEResult(MatchResult):
     candidates: tuple[Permutation, ...] = field(default=(), repr=False)
 
 
-@contextmanager
-def _module_mode(model: nn.Module, train: bool) -> Iterator[None]:
-    """Put ``model`` in train or eval mode; restore every submodule's flag afterwards."""
-    modes = {m: m.training for m in model.modules()}
-    model.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
-
-
 @torch.no_grad()
 def _midpoint_loss(
     model: nn.Module,
@@ -650,7 +637,7 @@ def ste_matching(
         return weight_matching(spec, tilde, b, seed=seed + 1 + s, init=start).perm
 
     def score(pb: Mapping[str, Tensor]) -> float:
-        with _module_mode(model, train_mode):
+        with module_mode(model, train_mode):
             return _midpoint_loss(model, a, pb, extra, x, y, eval_batch_size)
 
     pb = perm.apply(spec, b)
@@ -679,7 +666,7 @@ def ste_matching(
                 else (0.5 * (a[k] + pb[k]) if is_float(a[k]) else a[k].clone())
                 for k in a
             }
-            with _module_mode(model, train_mode):
+            with module_mode(model, train_mode):
                 logits = functional_call(model, {**mid, **extra}, (x[idx],))
             loss = F.cross_entropy(logits, y[idx])
             if not bool(torch.isfinite(loss)):

@@ -63,8 +63,7 @@ whose groups are produced by BatchNorm, REPAIR *is* a BatchNorm reset (§4 of th
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +76,7 @@ from .bn import recompute_bn_stats
 from .matching import _group_producers, solve_lap, weight_matching
 from .params import Params, check_compatible, check_finite, combine, float_keys, is_float
 from .permutation import Permutation, PermutationSpec
+from .train import module_mode
 
 __all__ = [
     "MERGE_INITS",
@@ -470,17 +470,6 @@ def bn_reset(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, **kwargs
     return recompute_bn_stats(model, params, x, **kwargs)
 
 
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in modes.items():
-            m.training = flag
-
-
 def _channels(out: Tensor, mod: nn.Module) -> Tensor:
     """Activations as ``[values, C]``: Linear / LayerNorm carry channels last, conv / norms dim 1."""
     if isinstance(mod, nn.Linear | nn.LayerNorm) or out.ndim == 2:
@@ -534,7 +523,7 @@ def _forward_order(model: nn.Module, params: Mapping[str, Tensor], names: Sequen
     hooks = [modules[n].register_forward_hook(lambda *_, n=n: seen.append(n)) for n in names]
     extra = {k: b for k, b in model.named_buffers() if k not in params}
     try:
-        with _eval_mode(model), torch.no_grad():
+        with module_mode(model, False), torch.no_grad():
             functional_call(model, {**params, **extra}, (x[:2],))
     finally:
         for h in hooks:
@@ -558,7 +547,7 @@ def _stats(
     dev = next(iter(params.values())).device
     extra = {k: b for k, b in model.named_buffers() if k not in params}
     try:
-        with _eval_mode(model):
+        with module_mode(model, False):
             for s in range(0, x.shape[0], batch_size):
                 functional_call(model, {**params, **extra}, (x[s : s + batch_size].to(dev),))
     finally:

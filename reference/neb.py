@@ -62,8 +62,7 @@ equally spaced points inside every segment, in a form ``reference.barrier.evalua
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,6 +80,7 @@ from .train import (
     TrainConfig,
     check_data,
     lr_schedule,
+    module_mode,
     opt_step_,
     raise_if_diverged,
     resolve_device,
@@ -395,17 +395,6 @@ class NEBPath:
 # relaxation
 
 
-@contextmanager
-def _mode(model: nn.Module, train: bool) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
-    model.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 def _views(flat: Tensor, keys: Sequence[str], like: Mapping[str, Tensor]) -> Params:
     """Stacked views of ``flat`` [M, D] as ``{key: [M, *shape]}``."""
     out, i = {}, 0
@@ -521,11 +510,11 @@ def neb(
     history: list[dict[str, Any]] = []
     total_steps = cfg.cycles * tc.epochs * steps
     bar = tqdm(total=total_steps, desc="AutoNEB", unit="step", disable=not progress, dynamic_ncols=True)
-    with bar, _mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
+    with bar, module_mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
         for cycle in range(cfg.cycles):
             inserted: list[tuple[int, float, float]] = []
             if cycle > 0 and cfg.insert_per_cycle > 0 and chain.shape[0] - 2 < cfg.max_pivots:
-                with torch.no_grad(), _mode(model, False):
+                with torch.no_grad(), module_mode(model, False):
                     pl, sl, al = _segment_losses(model, chain, p_keys, like, bufs_of, x_eval, y_eval,
                                                  cfg.sub_points, bn)
                 room = cfg.max_pivots - (chain.shape[0] - 2)

@@ -84,6 +84,7 @@ from .merge import canonical_permutation, merge_many, pairwise_from_universe, re
 from .params import Params, check_compatible, check_finite, combine_batch, is_float, stack
 from .permutation import Permutation, PermutationSpec
 from .simplex import sample_dirichlet, simplex_volume
+from .train import module_mode
 
 __all__ = [
     "ALIGN_METHODS",
@@ -305,9 +306,7 @@ def _adversarial(
         p = {k: torch.tensordot(lam, v, dims=1) for k, v in V.items()}
         return F.cross_entropy(functional_call(model, {**p, **ints}, (x,)), y)
 
-    was = model.training
-    model.train(train_mode)
-    try:
+    with module_mode(model, train_mode):
         for _ in range(steps):
             lam = torch.softmax(z, dim=1)
             losses = vmap(f)(lam)
@@ -315,8 +314,6 @@ def _adversarial(
             opt.zero_grad()
             (-obj).backward()
             opt.step()
-    finally:
-        model.train(was)
     return torch.softmax(z.detach(), dim=1).double().cpu()
 
 
@@ -563,21 +560,10 @@ def interior_alignment(
         if correction is not None:  # BN reset / REPAIR at every evaluation point, then eval mode
             ev = evaluate_simplex(model, vs, x, y, eval_lam, correction=correction, x_stats=x)
             return float(ev.loss.double().mean())
-        pts = _points(vs, eval_lam)
-        was = model.training
-        model.train(train_mode)
-        try:
-            if train_mode:
-                with torch.no_grad():
-                    total = 0.0
-                    for k in range(eval_lams):
-                        pk = {kk: v[k] for kk, v in pts.items()}
-                        lg = functional_call(model, {**pk, **extra}, (x,))
-                        total += float(F.cross_entropy(lg, y))
-                    return total / eval_lams
-            return float(evaluate_points(model, pts, x, y).loss.double().mean())
-        finally:
-            model.train(was)
+        # train mode: batch statistics of all of x at once (one input batch), as the steps use them
+        m = evaluate_points(model, _points(vs, eval_lam), x, y, train_mode=train_mode,
+                            batch_size=x.shape[0] if train_mode else 4096)
+        return float(m.loss.double().mean())
 
     def fwd(p: Mapping[str, Tensor], xb: Tensor) -> Tensor:
         return functional_call(model, {**p, **ints, **extra}, (xb,))
@@ -599,9 +585,7 @@ def interior_alignment(
     order = torch.empty(0, dtype=torch.long)
     projected = True
     bar = tqdm(range(steps), desc=f"interior n={n}", unit="step", disable=not progress, dynamic_ncols=True)
-    was = model.training
-    model.train(train_mode)
-    try:
+    with module_mode(model, train_mode):
         for s in bar:
             if s % per_epoch == 0:
                 order = torch.randperm(N, generator=g).to(dev)
@@ -634,8 +618,6 @@ def interior_alignment(
                 candidates.append(list(perms))
                 changed.append(_moved(perms, init))
                 bar.set_postfix(score=f"{history[-1]:.4f}", moved=changed[-1])
-    finally:
-        model.train(was)
     best = min(range(len(history)), key=lambda c: (history[c], c))
     return InteriorResult(
         perms=tuple(candidates[best]), score=history[best], history=tuple(history), eval_steps=tuple(eval_steps),

@@ -74,8 +74,7 @@ the ensemble's members are points sampled from every simplex (``sample_members``
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +90,7 @@ from .train import (
     check_data,
     clip_grads,
     lr_schedule,
+    module_mode,
     opt_step_,
     raise_if_diverged,
     resolve_device,
@@ -454,17 +454,6 @@ def mode_connecting_simplices(n_fixed: int, n_free: int) -> tuple[tuple[int, ...
 # SPRO
 
 
-@contextmanager
-def _mode(model: nn.Module, train: bool) -> Iterator[None]:
-    flags = {m: m.training for m in model.modules()}
-    model.train(train)
-    try:
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 def _finite_number(name: str, value: object, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -543,7 +532,7 @@ def train_simplex(
         progress=progress,
     )
     verts: list[Params] = [{k: v.detach().to(dev).clone() for k, v in p.items()} for p in fixed]
-    with _mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
+    with module_mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
         for stage in range(1, n_free + 1):
             new = job.train_vertex(verts, mode_connecting_simplices(m, stage), stage, n_free)
             verts.append({k: new[k] for k in fixed[0]})

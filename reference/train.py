@@ -54,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +73,7 @@ __all__ = [
     "check_data",
     "clip_grads",
     "lr_schedule",
+    "module_mode",
     "opt_step_",
     "pick_device",
     "raise_if_diverged",
@@ -339,15 +340,20 @@ def seeded_rng(seed: int, dev: torch.device) -> Iterator[None]:
 
 
 @contextmanager
-def training_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in train mode and restore every submodule's flag afterwards."""
+def module_mode(model: nn.Module, train: bool) -> Iterator[None]:
+    """Put ``model`` in train (``True``) or eval mode; restore every submodule's flag afterwards."""
     modes = {m: m.training for m in model.modules()}
-    model.train()
+    model.train(train)
     try:
         yield
     finally:
         for m, flag in modes.items():
             m.training = flag
+
+
+def training_mode(model: nn.Module) -> AbstractContextManager[None]:
+    """``module_mode(model, True)``."""
+    return module_mode(model, True)
 
 
 def _flat_sq_norm(g: Tensor, bd: int) -> Tensor:
