@@ -85,6 +85,7 @@ __all__ = [
     "bn_reset",
     "canonical_permutation",
     "channel_statistics",
+    "check_models",
     "merge_many",
     "nontransitivity",
     "pairwise_from_universe",
@@ -107,7 +108,9 @@ def _check_int(name: str, v: object, lo: int) -> int:
     return v
 
 
-def _check_models(spec: PermutationSpec, params_list: Sequence[Mapping[str, Tensor]], least: int) -> list:
+def check_models(spec: PermutationSpec, params_list: Sequence[Mapping[str, Tensor]], least: int) -> list:
+    """The models as a list, after checking: a sequence of at least ``least`` dicts, each fitting ``spec``,
+    finite, and all of one architecture (``TypeError`` / ``ValueError`` naming the model otherwise)."""
     if isinstance(params_list, Mapping) or not isinstance(params_list, Sequence):
         raise TypeError(f"params_list must be a sequence of parameter dicts, got {type(params_list).__name__}")
     pts = list(params_list)
@@ -222,7 +225,7 @@ def merge_many(
     ``anchor``'s labels (``perms[anchor]`` = identity), or ``None`` for the frame the sweeps ended
     in. ``max_passes``: per weight-matching call.
     """
-    pts = _check_models(spec, params_list, 2)
+    pts = check_models(spec, params_list, 2)
     N = len(pts)
     _check_int("max_iter", max_iter, 0)
     _check_int("max_passes", max_passes, 1)
@@ -398,7 +401,7 @@ def universe_alignment(
     ``weight_matching``), then ``permutation_sync``; ``U_0`` is the identity. ``method=
     "mergemany"``: ``Uᵢ = merge_many(spec, params_list, seed=seed, **merge_kwargs).perms[i]``.
     """
-    pts = _check_models(spec, params_list, 2)
+    pts = check_models(spec, params_list, 2)
     if method not in UNIVERSE_METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {UNIVERSE_METHODS}")
     if method == "mergemany":
@@ -439,7 +442,7 @@ def nontransitivity(
     fraction = 0; ``moved`` = its non-fixed units). Barrier of the cycle: A against
     ``cycle.apply(spec, θ_A)``.
     """
-    _check_models(spec, [pa, pb, pc], 3)
+    check_models(spec, [pa, pb, pc], 3)
     ab = weight_matching(spec, pa, pb, **wm_kwargs).perm
     bc = weight_matching(spec, pb, pc, **wm_kwargs).perm
     ac = weight_matching(spec, pa, pc, **wm_kwargs).perm
@@ -617,7 +620,7 @@ def repair(
     if isinstance(endpoints, Mapping) or not isinstance(endpoints, Sequence):
         raise TypeError(f"endpoints must be a sequence of parameter dicts, got {type(endpoints).__name__}")
     spec = _spec_of(model, spec)
-    pts = _check_models(spec, endpoints, 1)
+    pts = check_models(spec, endpoints, 1)
     c = _check_coeffs(coeffs, len(pts))
     _check_x(x, batch_size)
     if not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):

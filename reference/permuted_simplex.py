@@ -80,7 +80,7 @@ from tqdm import tqdm
 from .bn import has_batchnorm, recompute_bn_stats_batched
 from .evaluate import evaluate_points, predict_logits
 from .matching import weight_matching
-from .merge import canonical_permutation, merge_many, pairwise_from_universe, repair, universe_alignment
+from .merge import canonical_permutation, check_models, merge_many, pairwise_from_universe, repair, universe_alignment
 from .params import Params, check_compatible, check_finite, combine_batch, is_float, stack
 from .permutation import Permutation, PermutationSpec
 from .simplex import sample_dirichlet, simplex_volume
@@ -428,17 +428,6 @@ class PermutedSimplex:
         return _points(self.vertices, _lams(lams, self.n))
 
 
-def _check_models(spec: PermutationSpec, models: Sequence[Mapping[str, Tensor]]) -> list[Mapping[str, Tensor]]:
-    ms = list(models)
-    if len(ms) < 2:
-        raise ValueError(f"a permuted simplex needs at least 2 models, got {len(ms)}")
-    check_compatible(*ms)
-    for i, m in enumerate(ms):
-        spec.check_params(m)
-        check_finite(m, f"model {i}")
-    return ms
-
-
 def permuted_vertices(
     spec: PermutationSpec, models: Sequence[Mapping[str, Tensor]], perms: Sequence[Permutation]
 ) -> list[Params]:
@@ -511,7 +500,7 @@ def interior_alignment(
     evaluation point (``evaluate_simplex``): the search then selects permutations for the corrected
     simplex; the steps themselves are unchanged.
     """
-    ms = _check_models(spec, models)
+    ms = check_models(spec, models, 2)
     n = len(ms)
     steps = _int("steps", steps, 1)
     batch_size = _int("batch_size", batch_size, 1)
@@ -643,7 +632,7 @@ def align_simplex(
     permutations of method ``init``; ``interior_kwargs`` go to ``interior_alignment``."""
     if method not in ALIGN_METHODS:
         raise ValueError(f"unknown alignment method {method!r}; known: {ALIGN_METHODS}")
-    ms = _check_models(spec, models)
+    ms = check_models(spec, models, 2)
     n = len(ms)
     info: dict = {}
     if method == "identity":
