@@ -1,65 +1,77 @@
-"""``python -m repro list | run TARGET [--quick] [--device auto|cpu|cuda] [--data-dir DIR] [--out DIR] [--seed N]
-[--executor local|process|ray] [--workers N] [--address ADDR]``."""
+"""``python -m repro list`` · ``python -m repro run TARGET… | --all [--size quick|cpu|paper] [--set k=v]…``."""
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
-from .common import RunContext, default_cache_dir
-from .registry import get_target, load_all
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from .runner.config import parse_override
+from .runner.declare import SIZES, get_target, load_all
+from .runner.executors import EXECUTORS, RAY_MISSING
+from .runner.output import OutputError
+from .runner.run import RunOptions, default_cache_dir, run_target
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m repro",
-                                description="Reproduction targets of the mode-connectivity suite.")
+    p = argparse.ArgumentParser(prog="python -m repro", description="Reproduction targets of the mode-connectivity suite.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="list the targets with their papers and claims")
-    r = sub.add_parser("run", help="run one target")
-    r.add_argument("target")
-    r.add_argument("--quick", action="store_true", help="CPU-sized version (minutes on 2 cores)")
+    sub.add_parser("list", help="each target's paper, sizes, datasets and claim ids")
+    r = sub.add_parser("run", help="run one or more targets")
+    r.add_argument("targets", nargs="*", help="target names (see `list`)")
+    r.add_argument("--all", action="store_true", help="run every target")
+    r.add_argument("--size", choices=SIZES, default=None,
+                   help="quick: CI-sized, minutes on CPU; cpu (default): the committed results; paper: the paper's "
+                        "models, data and budget")
+    r.add_argument("--quick", action="store_true", help="the same as --size quick")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field (dotted for nested ones, e.g. train.epochs=3); repeatable")
     r.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     r.add_argument("--data-dir", type=Path, default=None, help="folder with MNIST IDX / CIFAR-10 python batches")
     r.add_argument("--out", type=Path, default=None,
-                   help="output root; the target writes <out>/<target>/ (default: repro/results, the committed "
-                        "full-size results; with --quick: ./runs)")
-    r.add_argument("--seed", type=int, default=0)
+                   help="output root; a target writes <out>/<target>/ (default: repro/results for --size cpu, "
+                        "./runs otherwise)")
+    r.add_argument("--seed", type=int, default=None, help="the config's seed (the same as --set seed=N)")
     r.add_argument("--cache-dir", type=Path, default=None,
-                   help=f"trained-endpoint cache (default: $MODECONN_CACHE or {default_cache_dir()})")
-    r.add_argument("--dataset", default=None,
-                   help="dataset for targets that take one (digits, mnist1d, mnist, cifar10)")
+                   help=f"endpoint and job cache (default: $MODECONN_CACHE or {default_cache_dir()})")
+    r.add_argument("--dataset", default=None, help="a dataset the target supports (see `list`)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--executor", default="local", choices=("local", "process", "ray"),
-                   help="where a target's sweep jobs run: in this process (default), in worker processes, "
-                        "or on Ray (pip install .[ray]); results are the same")
-    r.add_argument("--workers", type=int, default=None,
-                   help="process: worker processes (default: all cores); ray: CPUs of a local Ray instance")
-    r.add_argument("--address", default=None, help="ray: address of the Ray cluster to join (e.g. auto)")
+    r.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="where jobs run: this process, worker processes, or Ray; results are the same")
+    r.add_argument("--workers", type=int, default=None, help="process: worker processes; ray: CPUs of a local instance")
+    r.add_argument("--address", default=None, help="ray: the cluster to join (e.g. auto)")
     return p
+
+
+def _list() -> int:
+    for t in load_all().values():
+        print(f"{t.name}\n    {t.paper}" + (f" (arXiv:{t.arxiv})" if t.arxiv else ""))
+        print(f"    sizes: {', '.join(t.sizes)}; datasets: {', '.join(t.datasets)} (default {t.sizes['cpu'].dataset})")
+        for c in t.claims:
+            print(f"    claim {c.id}: {c.statement}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "list":
-        for t in load_all().values():
-            print(f"{t.name}\n    {t.paper}" + (f" (arXiv:{t.arxiv})" if t.arxiv else ""))
-            for c in t.claims:
-                print(f"    claim: {c}")
-        return 0
+        return _list()
+    if args.quick and args.size not in (None, "quick"):
+        print(f"error: --quick contradicts --size {args.size}", file=sys.stderr)
+        return 2
+    size = "quick" if args.quick else (args.size or "cpu")
+    if args.all and args.targets:
+        print("error: give target names or --all, not both", file=sys.stderr)
+        return 2
     try:
-        tgt = get_target(args.target)
-    except KeyError as e:
+        targets = list(load_all().values()) if args.all else [get_target(n) for n in args.targets]
+        overrides = [parse_override(s) for s in args.overrides]
+    except (KeyError, ValueError) as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
-    from reference.train import pick_device
-
-    try:
-        device = pick_device(args.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if not targets:
+        print("error: name at least one target, or --all (see `python -m repro list`)", file=sys.stderr)
         return 2
     if args.workers is not None and args.workers < 1:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
@@ -67,33 +79,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.address is not None and args.executor != "ray":
         print("error: --address is for --executor ray", file=sys.stderr)
         return 2
-    if args.executor == "ray":
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
-            print("error: --executor ray needs Ray, which is not installed: pip install .[ray]", file=sys.stderr)
-            return 2
+    if args.executor == "ray" and importlib.util.find_spec("ray") is None:
+        print(f"error: {RAY_MISSING}", file=sys.stderr)
+        return 2
     if args.data_dir is not None and not args.data_dir.is_dir():
         print(f"error: --data-dir {args.data_dir} is not a directory", file=sys.stderr)
         return 2
-    ctx = RunContext(
-        target=tgt.name,
-        out_root=args.out if args.out is not None else (Path("runs") if args.quick else RESULTS),
-        quick=args.quick,
-        device=device,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        cache_dir=args.cache_dir or default_cache_dir(),
-        options={"dataset": args.dataset, "executor": args.executor, "workers": args.workers,
-                 "address": args.address},
-        progress=not args.no_progress,
-    )
+    if args.dataset is not None:
+        refused = [t.name for t in targets if args.dataset.strip().lower() not in t.datasets]
+        if refused:
+            t = get_target(refused[0])
+            print(f"error: target {t.name!r} does not take --dataset {args.dataset!r}; it supports: "
+                  f"{', '.join(t.datasets)}", file=sys.stderr)
+            return 2
+    from reference.train import pick_device
+
     try:
-        tgt.run(ctx)
-    except (ValueError, FileNotFoundError) as e:
+        pick_device(args.device)
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    failed = []
+    for t in targets:
+        opts = RunOptions(size=size, dataset=args.dataset, seed=args.seed, overrides=overrides, device=args.device,
+                          data_dir=args.data_dir, out=args.out, cache_dir=args.cache_dir, executor=args.executor,
+                          workers=args.workers, address=args.address, progress=not args.no_progress)
+        try:
+            run_target(t, opts)
+        except (ValueError, FileNotFoundError, OutputError, TypeError) as e:
+            print(f"error: {t.name}: {e}", file=sys.stderr)
+            failed.append(t.name)
+            if len(targets) == 1:
+                return 1
+    if failed:
+        print(f"error: {len(failed)} of {len(targets)} targets failed: {', '.join(failed)}", file=sys.stderr)
         return 1
-    ctx.finish()
     return 0
 
 

@@ -1,0 +1,201 @@
+"""What a job needs besides its arguments: data by content, trained endpoints, a device.
+
+- :class:`DataRef` names a dataset *and* the fingerprint of its content (a SHA-256 of the loaded arrays);
+  a worker that loads it checks that it finds the same content, so a job never runs on other data than the
+  data its key names.
+- :class:`Endpoint` is a declared dependency: a model config, a training config, a seed and the data. The
+  runner finds every ``Endpoint`` in a job's arguments, trains the missing ones (K at once) before the job
+  runs, and caches them under a key that covers all four and the code version.
+- :class:`JobContext` is what a job function receives next to its arguments: the device, the caches, and
+  memoised loaders. It is small and picklable, so every executor can send it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reference.data import Dataset, load_dataset
+from reference.params import Params
+from reference.train import TrainConfig
+
+from .util import config_hash, jsonable
+
+__all__ = ["DataRef", "Endpoint", "JobContext", "LoadedData", "code_version", "data_fingerprint", "find_endpoints"]
+
+_REFERENCE = Path(__file__).resolve().parents[2] / "reference"
+
+
+def _source_hash(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:16]
+
+
+_CODE: dict[str, str] = {}
+
+
+def code_version(module_file: str | Path | None = None) -> str:
+    """The version of the code behind a result: a hash of every ``reference/*.py`` file, plus the target's
+    own module when given. Any edit to the library or to the target changes it, and so every key built
+    from it (see README, "How results are keyed")."""
+    k = str(module_file)
+    if k not in _CODE:
+        files = list(_REFERENCE.glob("*.py"))
+        if module_file is not None:
+            files.append(Path(module_file))
+        _CODE[k] = _source_hash(files)
+    return _CODE[k]
+
+
+def data_fingerprint(data: Dataset) -> str:
+    """SHA-256 (16 hex digits) of the four arrays' bytes, shapes and dtypes, and the class count."""
+    h = hashlib.sha256()
+    for t in (data.x_train, data.y_train, data.x_test, data.y_test):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    h.update(str(data.num_classes).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """A dataset by name, where to read it, and the fingerprint of what was read."""
+
+    dataset: str
+    fingerprint: str
+    data_dir: str | None = None
+
+    def key(self) -> dict[str, Any]:
+        # the folder is where the data was found, not what it is: two folders with equal files share results
+        return {"dataset": self.dataset, "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A trained model, declared by what determines it. ``view`` reshapes each input example before
+    training (e.g. ``(1, 40)`` to feed MNIST-1D to a 1-D conv net); ``None`` keeps the dataset's shape."""
+
+    model: Mapping[str, Any]
+    train: TrainConfig
+    seed: int
+    data: DataRef
+    view: tuple[int, ...] | None = None
+
+    def key(self) -> dict[str, Any]:
+        return {"model": jsonable(dict(self.model)), "train": jsonable(asdict(self.train)), "seed": int(self.seed),
+                "data": self.data.key(), "view": list(self.view) if self.view else None,
+                "code": code_version()}
+
+    def group(self) -> str:
+        """Endpoints of one group differ only in their seed: they are trained together."""
+        k = self.key()
+        del k["seed"]
+        return config_hash(k)
+
+
+def find_endpoints(obj: Any) -> Iterator[Endpoint]:
+    """Every :class:`Endpoint` inside a job's arguments (dataclass fields, mappings, sequences)."""
+    if isinstance(obj, Endpoint):
+        yield obj
+    elif is_dataclass(obj) and not isinstance(obj, type):
+        for f in fields(obj):
+            yield from find_endpoints(getattr(obj, f.name))
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from find_endpoints(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from find_endpoints(v)
+
+
+# per-process memos: the loaded dataset by (name, folder, fingerprint), and its view on a device
+_DATA: dict[tuple, Dataset] = {}
+_VIEWS: dict[tuple, Dataset] = {}
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Handed to every job with its arguments; picklable (strings and flags only)."""
+
+    device: str = "cpu"
+    cache_dir: str = ""
+    progress: bool = False
+    log_prefix: str = ""
+
+    @property
+    def dev(self) -> torch.device:
+        return torch.device(self.device)
+
+    def log(self, msg: str) -> None:
+        print(f"{self.log_prefix}{msg}", flush=True)
+
+    def data(self, ref: DataRef, view: tuple[int, ...] | None = None) -> Dataset:
+        """The dataset ``ref`` names, on this job's device; raises if its content changed since the run began."""
+        k = (ref.dataset, ref.data_dir, ref.fingerprint)
+        if k not in _DATA:
+            d = load_dataset(ref.dataset, data_dir=ref.data_dir)
+            fp = data_fingerprint(d)
+            if fp != ref.fingerprint:
+                raise ValueError(
+                    f"dataset {ref.dataset!r} (data dir {ref.data_dir}) changed while the run was going: content "
+                    f"fingerprint {fp}, the run started with {ref.fingerprint}; re-run to start over on the new data"
+                )
+            _DATA.clear()  # keep one dataset in memory per process
+            _DATA[k] = d
+        d = _DATA[k]
+        dk = (k, view, self.device)
+        if dk not in _VIEWS:
+            _VIEWS.clear()
+            _VIEWS[dk] = with_view(d, view).to(self.dev)
+        return _VIEWS[dk]
+
+    def endpoint(self, e: Endpoint) -> Params:
+        """The trained parameters of ``e`` from the endpoint cache, on this job's device."""
+        from .endpoints import load_endpoint
+
+        return {k: v.to(self.dev) for k, v in load_endpoint(Path(self.cache_dir), e).items()}
+
+    def endpoints(self, es: Sequence[Endpoint]) -> list[Params]:
+        return [self.endpoint(e) for e in es]
+
+
+def with_view(d: Dataset, view: tuple[int, ...] | None) -> Dataset:
+    import dataclasses
+
+    if not view:
+        return d
+    return dataclasses.replace(d, x_train=d.x_train.reshape(d.num_train, *view),
+                               x_test=d.x_test.reshape(d.num_test, *view), input_shape=tuple(view))
+
+
+
+@dataclass(frozen=True)
+class LoadedData:
+    """What ``jobs(cfg, data)`` sees: the reference jobs load it by, and the loaded dataset (shapes, sizes)."""
+
+    ref: DataRef
+    dataset: Dataset
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.dataset.input_shape
+
+    @property
+    def in_features(self) -> int:
+        n = 1
+        for d in self.dataset.input_shape:
+            n *= int(d)
+        return n

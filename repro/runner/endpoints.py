@@ -1,0 +1,79 @@
+"""Trained endpoints: declared by jobs, trained before them (K at once per group), cached by content key.
+
+A checkpoint ``<cache>/endpoints/<hash>.pt`` stores the endpoint's full key in its ``extra``; a file whose
+stored key differs from the one asked for, or that does not load, is reported by path and retrained.
+Training one group (endpoints that differ only in their seed) is itself a job of the executor, so
+``--executor process|ray`` trains independent groups in parallel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from reference.checkpoint import load_checkpoint, save_checkpoint
+from reference.models import build_model, init_params
+from reference.params import Params
+from reference.train import train_many
+
+from .context import Endpoint, JobContext
+from .util import config_hash, jsonable
+
+__all__ = ["endpoint_path", "load_endpoint", "missing_endpoints", "train_group"]
+
+
+def endpoint_path(cache_dir: Path, e: Endpoint) -> Path:
+    return Path(cache_dir) / "endpoints" / f"{config_hash(e.key())}.pt"
+
+
+def _check(cache_dir: Path, e: Endpoint) -> tuple[Params | None, str | None]:
+    """``(params, None)`` for a usable cache entry, else ``(None, reason)``."""
+    path = endpoint_path(cache_dir, e)
+    if not path.is_file():
+        return None, None
+    try:
+        ck = load_checkpoint(path, expected_model_config=dict(e.model))
+    except (ValueError, OSError) as err:
+        return None, f"cached endpoint {path} is unusable ({err}); retraining it"
+    stored = (ck.extra or {}).get("key")
+    if jsonable(stored) != jsonable(e.key()):
+        return None, f"cached endpoint {path} was stored under another key; retraining it"
+    return ck.params, None
+
+
+def load_endpoint(cache_dir: Path, e: Endpoint) -> Params:
+    params, why = _check(cache_dir, e)
+    if params is None:
+        raise FileNotFoundError(why or f"endpoint {endpoint_path(cache_dir, e)} has not been trained "
+                                       f"(the runner trains declared endpoints before the jobs that need them)")
+    return params
+
+
+def missing_endpoints(cache_dir: Path, es: Sequence[Endpoint], log=print) -> list[Endpoint]:
+    out = []
+    for e in es:
+        params, why = _check(cache_dir, e)
+        if params is None:
+            if why:
+                log(f"  {why}")
+            out.append(e)
+    return out
+
+
+def train_group(es: Sequence[Endpoint], ctx: JobContext) -> dict:
+    """Train endpoints that differ only in their seed, K at once, and store each in the cache."""
+    es = list(es)
+    if len({e.group() for e in es}) != 1:
+        raise ValueError("train_group takes endpoints that differ only in their seed")
+    e0 = es[0]
+    data = ctx.data(e0.data, e0.view)
+    model = build_model(dict(e0.model))
+    ctx.log(f"training {len(es)} endpoint(s) of {e0.model.get('name')} at once on {ctx.device}")
+    inits = [init_params(model, int(e.seed)) for e in es]
+    trained = train_many(model, inits, data.x_train, data.y_train, e0.train, [int(e.seed) for e in es],
+                         device=ctx.dev, progress=ctx.progress)
+    for e, params in zip(es, trained, strict=True):
+        save_checkpoint(endpoint_path(Path(ctx.cache_dir), e), params, model_config=dict(e.model),
+                        train_config=asdict(e.train), extra={"key": jsonable(e.key())})
+    return {"trained": [config_hash(e.key()) for e in es]}

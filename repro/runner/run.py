@@ -1,0 +1,279 @@
+"""Run one target: size, overrides, data, endpoints, jobs on an executor, report, the output set."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reference.checkpoint import atomic_write_text
+from reference.data import load_dataset
+
+from .cache import JobCache, job_key
+from .config import config_for
+from .context import DataRef, JobContext, LoadedData, code_version, data_fingerprint, find_endpoints
+from .declare import Job, Report, Results, Target
+from .endpoints import missing_endpoints, train_group
+from .executors import make_executor
+from .output import Staging, check_writable, clean_stale, lock
+from .util import config_hash, jsonable
+
+__all__ = ["RESULTS", "RunOptions", "default_cache_dir", "default_out", "run_target", "TrainGroup"]
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MODECONN_CACHE", Path.home() / ".cache" / "modeconn"))
+
+
+def default_out(size: str) -> Path:
+    """``cpu``-size runs regenerate the committed results; ``quick`` and ``paper`` runs go to ``./runs``."""
+    return RESULTS if size == "cpu" else Path("runs")
+
+
+@dataclass
+class RunOptions:
+    size: str = "cpu"
+    dataset: str | None = None
+    seed: int | None = None
+    overrides: Sequence[tuple[str, str]] = ()
+    device: str = "auto"
+    data_dir: Path | None = None
+    out: Path | None = None
+    cache_dir: Path | None = None
+    executor: str = "local"
+    workers: int | None = None
+    address: str | None = None
+    progress: bool = True
+    command: str = field(default_factory=lambda: " ".join(sys.argv))
+
+
+@dataclass(frozen=True)
+class TrainGroup:
+    """A job's dependency made a job: train these endpoints (equal but for their seeds) K at once."""
+
+    endpoints: tuple
+
+
+def _train_group(args: TrainGroup, ctx: JobContext) -> dict:
+    return train_group(args.endpoints, ctx)
+
+
+def git_commit() -> dict[str, Any]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10,
+                             check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, timeout=10, check=True).stdout.strip())
+        return {"commit": sha, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "numpy", "scipy", "scikit-learn", "mnist1d", "seaborn", "matplotlib", "modeconn"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def output_name(t: Target, cfg: Any) -> str:
+    default = t.sizes["cpu"].dataset
+    return t.name if cfg.dataset == default else f"{t.name}-{cfg.dataset}"
+
+
+class _Log:
+    def __init__(self, prefix: str = ""):
+        self.lines: list[str] = []
+        self.prefix = prefix
+
+    def __call__(self, msg: str) -> None:
+        self.lines.append(msg)
+        print(f"{self.prefix}{msg}", flush=True)
+
+
+class _Clock:
+    """Wall time of this run, added up over the invocations that resumed it (stored in the cache)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.t0 = time.time()
+        self.before, self.invocations = 0.0, 1
+        try:
+            rec = json.loads(path.read_text())
+            self.before, self.invocations = float(rec["elapsed_s"]), int(rec["invocations"]) + 1
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+
+    @property
+    def now(self) -> float:
+        return time.time() - self.t0
+
+    def save(self) -> None:
+        atomic_write_text(json.dumps({"elapsed_s": self.before + self.now, "invocations": self.invocations}),
+                          self.path)
+
+    def done(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def _execute(executor, items: list[tuple[Any, Any]], ctx: JobContext, on_result) -> None:
+    for i, value in executor.imap(items, ctx):
+        on_result(i, value)
+
+
+def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
+    """Run ``t`` as ``opts`` says and write its output set; returns the summary. Raises ``ValueError`` /
+    ``OutputError`` / ``FileNotFoundError`` with a message for bad input, before any training."""
+    from reference.train import pick_device
+
+    from .output import OutputError
+
+    cfg = config_for(t, opts.size, opts.dataset, opts.seed, opts.overrides)
+    device = pick_device(opts.device)
+    name = output_name(t, cfg)
+    out_root = check_writable(opts.out if opts.out is not None else default_out(opts.size), "--out")
+    cache_dir = check_writable(opts.cache_dir or default_cache_dir(), "--cache-dir")
+    if opts.data_dir is not None and not Path(opts.data_dir).is_dir():
+        raise OutputError(f"--data-dir {opts.data_dir} is not a directory")
+    log = _Log()
+    clean_stale(out_root, log)
+    clean_stale(cache_dir, log)
+    executor = make_executor(opts.executor, opts.workers, opts.address)
+    with lock(out_root, name):
+        data = load_dataset(cfg.dataset, data_dir=opts.data_dir)
+        ref = DataRef(cfg.dataset, data_fingerprint(data), str(opts.data_dir) if opts.data_dir else None)
+        log(f"{name}: size {opts.size}, dataset {cfg.dataset} (fingerprint {ref.fingerprint}), seed {cfg.seed}, "
+            f"device {device}, executor {executor!r}")
+        for k, v in opts.overrides:
+            log(f"  --set {k}={v}")
+        jobs: list[Job] = list(t.jobs(cfg, LoadedData(ref, data)))
+        code = code_version(t.module_file or None)
+        ctx = JobContext(device=str(device), cache_dir=str(cache_dir), progress=opts.progress)
+        clock = _Clock(cache_dir / "runs" / f"{config_hash([t.name, opts.size, cfg, ref, device.type, code])}.json")
+        try:
+            stats = _run_jobs(t, jobs, ctx, executor, cache_dir, code, device, log, clock)
+        finally:
+            clock.save()
+            executor.close()
+        results = Results([(j.args, r) for j, r in zip(jobs, stats.pop("results"), strict=True)])
+        rep = t.report(cfg, results)
+        if not isinstance(rep, Report):
+            raise TypeError(f"{t.name}: report() returned {type(rep).__name__}, expected Report")
+        got, want = set(rep.verdicts), set(t.claim_ids)
+        if got != want:
+            raise ValueError(f"{t.name}: the report judged claims {sorted(got)}, the target declares "
+                             f"{sorted(want)} (missing {sorted(want - got)}, undeclared {sorted(got - want)})")
+        staging = Staging(out_root, name)
+        try:
+            staging.write_report(rep)
+            claims = [{"id": c.id, "statement": c.statement, "paper": c.paper, "ours": rep.verdicts[c.id].ours,
+                       "held": rep.verdicts[c.id].held} for c in t.claims]
+            summary = {"target": name, "size": opts.size, "quick": opts.size == "quick", "dataset": cfg.dataset,
+                       "seed": cfg.seed, "overrides": [f"{k}={v}" for k, v in opts.overrides],
+                       "data_fingerprint": ref.fingerprint, "device": device_description(device), "claims": claims}
+            for note in rep.notes:
+                log(note)
+            log(f"\n== {name}: claims ==")
+            for c in claims:
+                log(f"[{'held' if c['held'] else 'DID NOT HOLD'}] {c['id']}: {c['statement']}\n"
+                    f"    paper: {c['paper']}\n    ours:  {c['ours']}")
+            prov = {"target": name, "paper": t.paper, "arxiv": t.arxiv, "size": opts.size, "config": jsonable(cfg),
+                    "overrides": [f"{k}={v}" for k, v in opts.overrides], "seed": cfg.seed,
+                    "data": {**jsonable(data.describe()), "fingerprint": ref.fingerprint,
+                             "data_dir": ref.data_dir},
+                    "device": device_description(device), "executor": repr(executor), "versions": versions(),
+                    "git": git_commit(), "code_version": code, "command": opts.command, "jobs": stats,
+                    "wall_time_s": round(clock.now, 2), "cumulative_wall_time_s": round(clock.before + clock.now, 2),
+                    "invocations": clock.invocations,
+                    "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            staging.write_text("summary.json", json.dumps(summary, indent=2, ensure_ascii=False))
+            staging.write_text("provenance.json", json.dumps(prov, indent=2, ensure_ascii=False))
+            staging.write_text("run.log", "\n".join(log.lines) + "\n")
+            final = staging.commit()
+        except BaseException:
+            staging.discard()
+            raise
+        clock.done()
+        print(f"\nwrote {final} ({prov['wall_time_s']} s; {prov['cumulative_wall_time_s']} s over "
+              f"{clock.invocations} invocation(s))", flush=True)
+        return summary
+
+
+def _run_jobs(t: Target, jobs: list[Job], ctx: JobContext, executor, cache_dir: Path, code: str,
+              device: torch.device, log, clock: _Clock) -> dict[str, Any]:
+    # 1. endpoints every job declares, trained before the jobs, one executor job per group
+    eps: dict[str, Any] = {}
+    for j in jobs:
+        for e in find_endpoints(j.args):
+            eps.setdefault(config_hash(e.key()), e)
+    missing = missing_endpoints(cache_dir, list(eps.values()), log)
+    groups: dict[str, list] = {}
+    for e in missing:
+        groups.setdefault(e.group(), []).append(e)
+    if groups:
+        log(f"  training {len(missing)} of {len(eps)} endpoints ({len(groups)} group(s)); "
+            f"{len(eps) - len(missing)} cached")
+        items = [(_train_group, TrainGroup(tuple(g))) for g in groups.values()]
+        _execute(executor, items, ctx, lambda i, v: clock.save())
+    elif eps:
+        log(f"  all {len(eps)} endpoints cached")
+    # 2. the jobs, each cached under its full key
+    cache = JobCache(cache_dir / "jobs" / t.name, log)
+    keys = [job_key(j, code, device.type) for j in jobs]
+    results: list[Any] = [None] * len(jobs)
+    todo: dict[str, list[int]] = {}
+    for i, (j, k) in enumerate(zip(jobs, keys, strict=True)):
+        h = config_hash(k)
+        if h in todo:
+            todo[h].append(i)
+            continue
+        hit, value = cache.get(k, j.result_type)
+        if hit:
+            results[i] = value
+        else:
+            todo[h] = [i]
+    # a repeated key whose first copy was cached
+    for i, k in enumerate(keys):
+        if results[i] is None and config_hash(k) not in todo:
+            results[i] = cache.get(k, jobs[i].result_type)[1]
+    first = [idx[0] for idx in todo.values()]
+    log(f"  {len(first)} of {len(jobs)} jobs to run on {executor!r}; {len(jobs) - len(first)} cached or repeated")
+
+    def on_result(n: int, value: Any) -> None:
+        i = first[n]
+        if not isinstance(value, jobs[i].result_type):
+            raise TypeError(f"job {jobs[i].name} returned a {type(value).__name__}, expected "
+                            f"{jobs[i].result_type.__name__}")
+        stored = cache.put(keys[i], value)
+        for j in todo[config_hash(keys[i])]:
+            results[j] = stored
+        clock.save()
+
+    _execute(executor, [(jobs[i].fn, jobs[i].args) for i in first], ctx, on_result)
+    if any(results[i] is None for i in first):
+        raise RuntimeError(f"{executor!r} returned results for fewer than {len(first)} jobs")
+    return {"total": len(jobs), "run": len(first), "cached": len(jobs) - len(first),
+            "endpoints": len(eps), "endpoints_trained": len(missing), "results": results}
