@@ -1,4 +1,6 @@
-"""The ``python -m repro`` command: list, run --quick into a temp dir, cache reuse, errors."""
+"""The README's main job through the command line: ``python -m repro run ainsworth2023-mlp --quick``
+writes the output contract, a second run reuses every cached endpoint and job, and a deleted job is
+recomputed alone. (The runner's guarantees are tested on a tiny target in test_runner.py.)"""
 
 import json
 import subprocess
@@ -6,25 +8,13 @@ import sys
 
 import pytest
 
-from repro.__main__ import main
-
-
-def test_list_names_targets_and_claims(capsys):
-    assert main(["list"]) == 0
-    out = capsys.readouterr().out
-    assert "ainsworth2023-mlp" in out
-    assert "arXiv:2209.04836" in out
-    assert "claim: weight matching removes most of the naive loss barrier" in out
-    for name in ("garipov2018-curves", "curve-ensemble", "benton2021-simplexes"):
-        assert name in out
-
 
 def test_random_control_keeps_distances_from_the_mode():
     import torch
 
     from reference.models import MLP, init_params
     from reference.params import distance
-    from repro.benton2021 import _random_control
+    from repro.targets.benton2021 import _random_control
 
     model = MLP(6, [8], 3)
     mode, v1, v2 = (init_params(model, s) for s in range(3))
@@ -32,27 +22,6 @@ def test_random_control_keeps_distances_from_the_mode():
     for v, c in zip((v1, v2), ctrl, strict=True):
         assert distance(mode, c) == pytest.approx(distance(mode, v), rel=1e-5)
         assert not torch.equal(c["layers.0.weight"], v["layers.0.weight"])
-
-
-def test_unknown_target_lists_known_ones(capsys):
-    assert main(["run", "no-such-target", "--quick"]) == 2
-    err = capsys.readouterr().err
-    assert "unknown target 'no-such-target'" in err
-    assert "ainsworth2023-mlp" in err
-
-
-def test_cuda_without_gpu_is_a_clear_error(capsys, tmp_path):
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is present: the error path cannot be exercised")
-    assert main(["run", "ainsworth2023-mlp", "--quick", "--device", "cuda", "--out", str(tmp_path)]) == 2
-    assert "cuda" in capsys.readouterr().err.lower()
-
-
-def test_missing_data_dir_is_a_clear_error(capsys, tmp_path):
-    assert main(["run", "ainsworth2023-mlp", "--quick", "--data-dir", str(tmp_path / "nope")]) == 2
-    assert "is not a directory" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -70,20 +39,19 @@ def test_quick_run_writes_the_output_contract(quick_run):
     _, out, _, first = quick_run
     d = out / "ainsworth2023-mlp"
     for name in ("barriers.csv", "barriers.md", "barriers_per_pair.csv", "wm_restart_spread.csv",
-                 "interpolation.png", "barrier_vs_width.png", "provenance.json", "summary.json"):
+                 "interpolation.png", "barrier_vs_width.png", "provenance.json", "summary.json", "run.log"):
         assert (d / name).is_file(), name
     summary = json.loads((d / "summary.json").read_text())
-    assert summary["target"] == "ainsworth2023-mlp" and summary["quick"] is True
-    assert summary["device"].startswith("cpu")
-    ids = {c["id"] for c in summary["claims"]}
-    assert {"wm-removes-most", "wm-shrinks-with-width", "am-removes-most"} <= ids
+    assert summary["target"] == "ainsworth2023-mlp" and summary["size"] == "quick" and summary["quick"] is True
+    assert summary["device"].startswith("cpu") and summary["seed"] == 0 and summary["dataset"] == "digits"
+    assert [c["id"] for c in summary["claims"]] == ["wm-removes-most", "am-removes-most", "wm-shrinks-with-width"]
     for c in summary["claims"]:
         assert set(c) == {"id", "statement", "paper", "ours", "held"}
         assert isinstance(c["held"], bool)
     prov = json.loads((d / "provenance.json").read_text())
-    for k in ("config", "versions", "device", "git", "wall_time_s"):
+    for k in ("config", "versions", "device", "git", "wall_time_s", "cumulative_wall_time_s", "data", "code_version"):
         assert k in prov
-    assert prov["versions"]["torch"]
+    assert prov["versions"]["torch"] and prov["data"]["fingerprint"] == summary["data_fingerprint"]
     assert "[held]" in first.stdout or "[DID NOT HOLD]" in first.stdout
 
 
@@ -92,20 +60,19 @@ def test_second_run_reuses_cache(quick_run):
     assert "training" in first.stdout
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "training" not in second.stdout  # every endpoint came from the cache
-    assert json.loads((out / "ainsworth2023-mlp" / "summary.json").read_text())["claims"]
+    assert "training" not in second.stdout and "0 of 6 jobs to run" in second.stdout
     assert len(list((cache / "endpoints").glob("*.pt"))) == 3 * 2 * 2  # widths × pairs × 2
 
 
-def test_interrupted_run_resumes(quick_run, tmp_path):
+def test_interrupted_run_resumes(quick_run):
     """Delete one finished job record: the rerun recomputes only it and gives the same table."""
-    cmd, out, _, _ = quick_run
+    cmd, out, cache, _ = quick_run
     d = out / "ainsworth2023-mlp"
     before = (d / "barriers_per_pair.csv").read_text()
-    jobs = sorted((d / ".jobs").glob("*.json"))
+    jobs = sorted((cache / "jobs" / "ainsworth2023-mlp").glob("*.json"))
     assert len(jobs) == 3 * 2
     jobs[0].unlink()
-    (jobs[1].parent / (jobs[1].name + ".tmp")).write_text("{torn")  # a stale temp file is ignored
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "1 of 6 jobs to run" in rerun.stdout
     assert (d / "barriers_per_pair.csv").read_text() == before

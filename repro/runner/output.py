@@ -160,9 +160,9 @@ class Staging:
         atomic_write_bytes(buf.getvalue(), self.dir / f"{name}.png")
 
     def write_report(self, rep: Report) -> None:
-        names = [t.name for t in rep.tables] + [f.name for f in rep.figures]
-        if len(set(names)) != len(names):
-            raise ValueError(f"the report names an output twice: {sorted(names)}")
+        for kind, names in (("table", [t.name for t in rep.tables]), ("figure", [f.name for f in rep.figures])):
+            if len(set(names)) != len(names):  # a table (.csv/.md) and a figure (.png) may share a name
+                raise ValueError(f"the report names a {kind} twice: {sorted(names)}")
         for t in rep.tables:
             self.write_table(t.name, t.rows, t.columns, t.title)
         for f in rep.figures:

@@ -9,11 +9,10 @@ deep ensemble of the same K modes.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
-from reference.data import load_dataset
 from reference.ensembles import ensemble_probs, ensemble_table
 from reference.evaluate import evaluate_points
 from reference.models import build_model
@@ -21,15 +20,20 @@ from reference.params import float_keys, stack
 from reference.simplex import Simplex, sample_members, train_simplex
 from reference.train import TrainConfig
 
-from .common import RunContext, fmt_pm, mean_std
-from .endpoints import trained_endpoints
-from .registry import target
+from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, fmt_pm, mean_std, seaborn
+from ..runner.declare import register
+
+ARCHS = ("mlp", "vgg")
 
 
 @dataclass(frozen=True)
 class SimplexConfig:
     dataset: str = "mnist1d"
+    seed: int = 0
+    arch: str = "mlp"  # "mlp" (hidden ``widths``, inputs flattened) or "vgg" (``vgg_stages``, on images)
     widths: tuple[int, ...] = (256, 256)
+    # VGG without normalisation: conv widths per stage, each stage followed by a 2× max-pool
+    vgg_stages: tuple[tuple[int, ...], ...] = ()
     modes: int = 3
     free_vertices: tuple[int, ...] = (1, 2, 3)
     espro_free: int = 2
@@ -42,12 +46,41 @@ class SimplexConfig:
     vertex_train: TrainConfig = field(default_factory=lambda: TrainConfig(
         epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
 
-    @classmethod
-    def quick(cls) -> SimplexConfig:
-        return cls(modes=2, free_vertices=(1, 2), samples=32, members_per_simplex=4,
-                   train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"),
-                   vertex_train=TrainConfig(epochs=5, batch_size=128, lr=1e-3, optimizer="adam",
-                                            schedule="cosine"))
+
+# VGG-16's conv stages (13 conv layers, 5 max-pools)
+VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 512, 512))
+
+SIZES = {
+    "quick": SimplexConfig(modes=2, free_vertices=(1, 2), samples=32, members_per_simplex=4,
+                           train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam",
+                                             schedule="cosine"),
+                           vertex_train=TrainConfig(epochs=5, batch_size=128, lr=1e-3, optimizer="adam",
+                                                    schedule="cosine")),
+    "cpu": SimplexConfig(),
+    # Benton et al. 2021, Sec. 4–5 (Figs. 3, 5: VGG-16 on CIFAR-10) with the authors' g-benton/loss-surface-simplexes
+    # experiments/vgg-cifar10 scripts (README.md and the argparse defaults):
+    # - modes: VGG16 of simplex/models/vgg_noBN.py (13 convs, no BatchNorm), base_trainer.py: 300 epochs, SGD
+    #   momentum 0.9, lr 0.05, weight decay 5e-4, batch 128, CosineAnnealingLR over the epochs. Differences: the
+    #   zoo's VGG ends in a global average pool and one Linear (theirs: dropout + 512-512-10 Linear layers), and
+    #   their flip/crop augmentation is not reproduced;
+    # - vertices: simplex_trainer.py / ensemble_trainer.py: 10 epochs per vertex, SGD momentum 0.9, lr 0.01,
+    #   weight decay 5e-4, batch 128, cosine; n_sample = 5 points per step (samples_per_step);
+    # - SPRO: simplex_trainer.py's --n_verts default 4 free vertices around one mode → free_vertices 1 … 4;
+    # - ESPRO: ensemble_trainer.py's defaults --n_component 8 (modes) and --n_verts 4 vertices per simplex
+    #   (the mode + 3 free: espro_free 3).
+    # vol_reg: their weight is max(LMBD / log Vol₀, 1e-8) (LMBD 1e-6 in ensemble_trainer.py; Vol₀ the volume of a
+    # random simplex) on a *sum* of the T losses, i.e. vol_reg = 2λ/T here (reference/simplex.py, difference (a));
+    # Vol₀ is not known without their random init, so we take the floor λ = 1e-8: vol_reg = 2e-8 / 5 = 4e-9 (our
+    # choice, negligible as theirs is). samples (64 test points per simplex) and members_per_simplex (5) are
+    # our choice. Needs --data-dir with the CIFAR-10 python batches.
+    "paper": SimplexConfig(dataset="cifar10", arch="vgg", vgg_stages=VGG16_STAGES, modes=8,
+                           free_vertices=(1, 2, 3, 4), espro_free=3, samples=64, members_per_simplex=5,
+                           vol_reg=4e-9, samples_per_step=5,
+                           train=TrainConfig(epochs=300, batch_size=128, lr=0.05, optimizer="sgd", momentum=0.9,
+                                             weight_decay=5e-4, schedule="cosine"),
+                           vertex_train=TrainConfig(epochs=10, batch_size=128, lr=0.01, optimizer="sgd",
+                                                    momentum=0.9, weight_decay=5e-4, schedule="cosine")),
+}
 
 
 def _random_control(mode: dict, free: list[dict], seed: int) -> list[dict]:
@@ -64,48 +97,139 @@ def _random_control(mode: dict, free: list[dict], seed: int) -> list[dict]:
     return out
 
 
-@target(
-    "benton2021-simplexes",
-    paper="Loss Surface Simplexes for Mode Connecting Volumes and Fast Ensembling (Benton et al., ICML 2021)",
-    arxiv="2102.13042",
-    claims=(
-        "points sampled inside SPRO simplexes have test accuracy close to the mode's",
-        "ESPRO ensembles beat deep ensembles of the same number of modes",
-    ),
-)
-def run(ctx: RunContext) -> None:
-    """SPRO simplexes with 1–3 free vertices; ESPRO vs deep ensembles, MNIST-1D MLP."""
-    cfg = SimplexConfig.quick() if ctx.quick else SimplexConfig()
-    ctx.config = asdict(cfg)
-    data = load_dataset(cfg.dataset, data_dir=ctx.data_dir).to(ctx.device)
-    mcfg = {"name": "mlp", "in_features": int(torch.tensor(data.input_shape).prod()), "widths": list(cfg.widths),
-            "num_classes": data.num_classes, "bias": True}
-    model = build_model(mcfg).to(ctx.device)
-    seeds = [ctx.seed * 1000 + i for i in range(cfg.modes)]
-    modes = trained_endpoints(ctx, mcfg, data, {"dataset": cfg.dataset}, cfg.train, seeds)
-    xte, yte = data.x_test, data.y_test
-    vertex_metrics = evaluate_points(model, stack([{k: v.to(ctx.device) for k, v in m.items()} for m in modes]),
-                                     xte, yte)
+@dataclass(frozen=True)
+class ModesArgs:
+    """The trained modes' own test loss and accuracy."""
 
+    model: dict
+    modes: tuple[Endpoint, ...]
+    data: DataRef
+
+
+def modes_job(args: ModesArgs, ctx: JobContext) -> dict:
+    data = ctx.data(args.data)
+    model = build_model(args.model).to(ctx.dev)
+    m = evaluate_points(model, stack(ctx.endpoints(args.modes)), data.x_test, data.y_test)
+    return {"loss": m.loss.tolist(), "accuracy": m.accuracy.tolist()}
+
+
+@dataclass(frozen=True)
+class SproArgs:
+    """One SPRO simplex with ``n_free`` free vertices around ``mode``, and its random-direction control."""
+
+    model: dict
+    mode: Endpoint
+    data: DataRef
+    n_free: int
+    vertex_train: TrainConfig
+    samples_per_step: int
+    vol_reg: float
+    samples: int
+    seed: int
+
+
+def spro_job(args: SproArgs, ctx: JobContext) -> dict:
+    data = ctx.data(args.data)
+    model = build_model(args.model).to(ctx.dev)
+    mode = ctx.endpoint(args.mode)
+    xte, yte = data.x_test, data.y_test
+    cx = train_simplex(model, [mode], args.n_free, data.x_train, data.y_train, args.vertex_train,
+                       seed=args.seed, samples_per_step=args.samples_per_step, vol_reg=args.vol_reg,
+                       device=ctx.dev, progress=ctx.progress)
+    g = torch.Generator().manual_seed(args.seed + 17)
+    pts = cx.sample(args.samples, g)
+    m = evaluate_points(model, {k: v.to(ctx.dev) for k, v in pts.items()}, xte, yte)
+    ctrl = Simplex([mode, *_random_control(mode, list(cx.vertices[1:]), args.seed + args.n_free)])
+    ctrl_pts = ctrl.sample(args.samples, torch.Generator().manual_seed(args.seed + 17))
+    mc = evaluate_points(model, {k: v.to(ctx.dev) for k, v in ctrl_pts.items()}, xte, yte)
+    res = {"loss": m.loss.tolist(), "acc": m.accuracy.tolist(), "volume": float(cx.volumes()[0]),
+           "ctrl_loss": mc.loss.tolist(), "ctrl_acc": mc.accuracy.tolist()}
+    ctx.log(f"  SPRO {args.n_free} free: test acc {fmt_pm(res['acc'])} (control {fmt_pm(res['ctrl_acc'])})")
+    return res
+
+
+@dataclass(frozen=True)
+class EsproArgs:
+    """ESPRO: a simplex with ``espro_free`` free vertices around each mode; ensembles of the first K, K = 1 … N."""
+
+    model: dict
+    modes: tuple[Endpoint, ...]
+    data: DataRef
+    espro_free: int
+    vertex_train: TrainConfig
+    samples_per_step: int
+    vol_reg: float
+    members_per_simplex: int
+    seed: int
+
+
+def espro_job(args: EsproArgs, ctx: JobContext) -> dict:
+    data = ctx.data(args.data)
+    model = build_model(args.model).to(ctx.dev)
+    modes = ctx.endpoints(args.modes)
+    xte, yte = data.x_test, data.y_test
+    out = []
+    cxs = []
+    for j, mode in enumerate(modes):
+        cxs.append(train_simplex(model, [mode], args.espro_free, data.x_train, data.y_train, args.vertex_train,
+                                 seed=args.seed + 100 + j, samples_per_step=args.samples_per_step,
+                                 vol_reg=args.vol_reg, device=ctx.dev, progress=ctx.progress))
+    for K in range(1, len(modes) + 1):
+        members = sample_members(cxs[:K], args.members_per_simplex, torch.Generator().manual_seed(args.seed + K))
+        pe = ensemble_probs(model, members, xte, device=ctx.dev)
+        pd = ensemble_probs(model, stack(modes[:K]), xte, device=ctx.dev)
+        te, td = ensemble_table(pe, yte.cpu())["ensemble"], ensemble_table(pd, yte.cpu())["ensemble"]
+        out.append({"modes": K, "espro_members": K * args.members_per_simplex,
+                    "espro_accuracy": te["accuracy"], "espro_nll": te["nll"], "espro_ece": te["ece"],
+                    "deep_ensemble_accuracy": td["accuracy"], "deep_ensemble_nll": td["nll"],
+                    "deep_ensemble_ece": td["ece"]})
+        ctx.log(f"  ESPRO {K} mode(s): accuracy {te['accuracy']:.4f} vs deep ensemble {td['accuracy']:.4f}")
+    return {"rows": out}
+
+
+def _model_config(cfg: SimplexConfig, data) -> dict:
+    if cfg.arch == "mlp":
+        return {"name": "mlp", "in_features": data.in_features, "widths": list(cfg.widths),
+                "num_classes": data.num_classes, "bias": True}
+    if cfg.arch != "vgg":
+        raise ValueError(f"benton2021-simplexes: arch must be one of {ARCHS}, got {cfg.arch!r}")
+    shape = tuple(data.input_shape)
+    if len(shape) != 3 or not cfg.vgg_stages:
+        raise ValueError(f"benton2021-simplexes: arch 'vgg' needs images (C, H, W) and vgg_stages; got input "
+                         f"shape {shape} on {cfg.dataset!r} and vgg_stages {cfg.vgg_stages!r} (use arch=mlp)")
+    if min(shape[1:]) < 2 ** len(cfg.vgg_stages):
+        raise ValueError(f"benton2021-simplexes: {len(cfg.vgg_stages)} VGG stages pool {shape[1:]} below 1×1")
+    channels: list = []
+    for stage in cfg.vgg_stages:
+        channels += [int(c) for c in stage] + ["M"]
+    return {"name": "vgg", "in_channels": int(shape[0]), "channels": channels, "num_classes": data.num_classes,
+            "norm": None, "dims": 2, "bias": True}
+
+
+def jobs(cfg: SimplexConfig, data) -> list[Job]:
+    mcfg = _model_config(cfg, data)
+    seeds = [cfg.seed * 1000 + i for i in range(cfg.modes)]
+    modes = tuple(Endpoint(mcfg, cfg.train, s, data.ref) for s in seeds)
+    out = [Job(modes_job, ModesArgs(mcfg, modes, data.ref))]
     # (a) SPRO simplexes of growing dimension around mode 0, and their random-direction controls
+    out += [Job(spro_job, SproArgs(mcfg, modes[0], data.ref, n_free, cfg.vertex_train, cfg.samples_per_step,
+                                   cfg.vol_reg, cfg.samples, cfg.seed))
+            for n_free in cfg.free_vertices]
+    # (b) ESPRO vs deep ensembles of the same number of modes
+    out.append(Job(espro_job, EsproArgs(mcfg, modes, data.ref, cfg.espro_free, cfg.vertex_train,
+                                        cfg.samples_per_step, cfg.vol_reg, cfg.members_per_simplex, cfg.seed)))
+    return out
+
+
+def report(cfg: SimplexConfig, results: Results) -> Report:
+    """SPRO simplexes with 1–3 free vertices; ESPRO vs deep ensembles."""
+    rep = Report()
+    vm = results.one(ModesArgs)
+    mode_loss, mode_acc = float(vm["loss"][0]), float(vm["accuracy"][0])
     rows = []
     complexes = {}
-    for n_free in cfg.free_vertices:
-        def job(n_free=n_free):
-            cx = train_simplex(model, [modes[0]], n_free, data.x_train, data.y_train, cfg.vertex_train,
-                               seed=ctx.seed, samples_per_step=cfg.samples_per_step, vol_reg=cfg.vol_reg,
-                               device=ctx.device, progress=ctx.progress)
-            g = torch.Generator().manual_seed(ctx.seed + 17)
-            pts = cx.sample(cfg.samples, g)
-            m = evaluate_points(model, {k: v.to(ctx.device) for k, v in pts.items()}, xte, yte)
-            ctrl = Simplex([modes[0], *_random_control(modes[0], list(cx.vertices[1:]), ctx.seed + n_free)])
-            ctrl_pts = ctrl.sample(cfg.samples, torch.Generator().manual_seed(ctx.seed + 17))
-            mc = evaluate_points(model, {k: v.to(ctx.device) for k, v in ctrl_pts.items()}, xte, yte)
-            return {"loss": m.loss.tolist(), "acc": m.accuracy.tolist(), "volume": float(cx.volumes()[0]),
-                    "ctrl_loss": mc.loss.tolist(), "ctrl_acc": mc.accuracy.tolist()}
-
-        key = {"target": "benton2021-simplexes", "spro": n_free, "model": mcfg, "cfg": asdict(cfg), "seed": seeds[0]}
-        res = ctx.job(key, job)
+    for args, res in results.of(SproArgs):
+        n_free = args.n_free
         complexes[n_free] = res
         rows.append({"free_vertices": n_free, "simplex": f"SPRO ({n_free + 1} vertices)",
                      "volume": res["volume"], "test_loss": fmt_pm(res["loss"]), "test_accuracy": fmt_pm(res["acc"]),
@@ -113,66 +237,34 @@ def run(ctx: RunContext) -> None:
         rows.append({"free_vertices": n_free, "simplex": "random directions, same distances",
                      "volume": float("nan"), "test_loss": fmt_pm(res["ctrl_loss"]),
                      "test_accuracy": fmt_pm(res["ctrl_acc"]), "worst_test_accuracy": min(res["ctrl_acc"])})
-        ctx.log(f"  SPRO {n_free} free: test acc {fmt_pm(res['acc'])} (control {fmt_pm(res['ctrl_acc'])}), "
-                f"mode {float(vertex_metrics.accuracy[0]):.4f}")
+        rep.notes.append(f"  SPRO {n_free} free: test acc {fmt_pm(res['acc'])} (control {fmt_pm(res['ctrl_acc'])}), "
+                         f"mode {mode_acc:.4f}")
     rows.insert(0, {"free_vertices": 0, "simplex": "the mode itself", "volume": 0.0,
-                    "test_loss": f"{float(vertex_metrics.loss[0]):.3f}",
-                    "test_accuracy": f"{float(vertex_metrics.accuracy[0]):.3f}",
-                    "worst_test_accuracy": float(vertex_metrics.accuracy[0])})
-    ctx.write_table("spro_simplexes", rows, title=f"Points sampled uniformly in SPRO simplexes around one mode "
-                                                  f"({cfg.samples} samples, test split, vol_reg {cfg.vol_reg})")
-
-    # (b) ESPRO vs deep ensembles of the same number of modes
-    def espro_job():
-        out = []
-        cxs = []
-        for j, mode in enumerate(modes):
-            cxs.append(train_simplex(model, [mode], cfg.espro_free, data.x_train, data.y_train, cfg.vertex_train,
-                                     seed=ctx.seed + 100 + j, samples_per_step=cfg.samples_per_step,
-                                     vol_reg=cfg.vol_reg, device=ctx.device, progress=ctx.progress))
-        for K in range(1, cfg.modes + 1):
-            members = sample_members(cxs[:K], cfg.members_per_simplex, torch.Generator().manual_seed(ctx.seed + K))
-            pe = ensemble_probs(model, members, xte, device=ctx.device)
-            pd = ensemble_probs(model, stack(modes[:K]), xte, device=ctx.device)
-            te, td = ensemble_table(pe, yte.cpu())["ensemble"], ensemble_table(pd, yte.cpu())["ensemble"]
-            out.append({"modes": K, "espro_members": K * cfg.members_per_simplex,
-                        "espro_accuracy": te["accuracy"], "espro_nll": te["nll"], "espro_ece": te["ece"],
-                        "deep_ensemble_accuracy": td["accuracy"], "deep_ensemble_nll": td["nll"],
-                        "deep_ensemble_ece": td["ece"]})
-        return out
-
-    espro = ctx.job({"target": "benton2021-simplexes", "espro": cfg.espro_free, "model": mcfg, "cfg": asdict(cfg),
-                     "seeds": seeds}, espro_job)
-    ctx.write_table("espro_vs_deep_ensembles", espro,
-                    title=f"ESPRO ({cfg.espro_free} free vertices per mode, {cfg.members_per_simplex} samples each) "
-                          f"vs deep ensembles of the same modes (test split)")
-    _figure(ctx, cfg, complexes, float(vertex_metrics.accuracy[0]), espro)
+                    "test_loss": f"{mode_loss:.3f}", "test_accuracy": f"{mode_acc:.3f}",
+                    "worst_test_accuracy": mode_acc})
+    rep.table("spro_simplexes", rows, title=f"Points sampled uniformly in SPRO simplexes around one mode "
+                                            f"({cfg.samples} samples, test split, vol_reg {cfg.vol_reg})")
+    espro = results.one(EsproArgs)["rows"]
+    rep.table("espro_vs_deep_ensembles", espro,
+              title=f"ESPRO ({cfg.espro_free} free vertices per mode, {cfg.members_per_simplex} samples each) "
+                    f"vs deep ensembles of the same modes (test split)")
+    rep.figure("simplexes", _figure(complexes, mode_acc, espro))
 
     # --- claims ----------------------------------------------------------------------------
-    gaps = {n: float(vertex_metrics.accuracy[0]) - mean_std(r["acc"])[0] for n, r in complexes.items()}
-    ctx.claim("spro-low-loss", "mean test accuracy of points sampled in each SPRO simplex is within 1 point of "
-                               "the mode's",
-              "simplexes of 1–3+ free vertices keep the mode's accuracy (Fig. 3, Sec. 5)",
-              "; ".join(f"{n} free: {-100 * g:+.2f} points vs the mode" for n, g in gaps.items()),
-              all(g < 0.01 for g in gaps.values()))
+    gaps = {n: mode_acc - mean_std(r["acc"])[0] for n, r in complexes.items()}
+    rep.verdict("spro-low-loss", "; ".join(f"{n} free: {-100 * g:+.2f} points vs the mode" for n, g in gaps.items()),
+                all(g < 0.01 for g in gaps.values()))
     last = espro[-1]
-    ctx.claim("espro-beats-deep-ensemble",
-              f"with {last['modes']} modes, ESPRO has higher accuracy and lower NLL than the deep ensemble",
-              "ESPRO outperforms deep ensembles of the same number of independently trained models (Fig. 5)",
-              f"accuracy {last['espro_accuracy']:.4f} vs {last['deep_ensemble_accuracy']:.4f}; "
-              f"NLL {last['espro_nll']:.4f} vs {last['deep_ensemble_nll']:.4f}",
-              last["espro_accuracy"] > last["deep_ensemble_accuracy"] and last["espro_nll"] < last["deep_ensemble_nll"])
+    rep.verdict("espro-beats-deep-ensemble",
+                f"{last['modes']} modes: accuracy {last['espro_accuracy']:.4f} vs "
+                f"{last['deep_ensemble_accuracy']:.4f}; NLL {last['espro_nll']:.4f} vs {last['deep_ensemble_nll']:.4f}",
+                last["espro_accuracy"] > last["deep_ensemble_accuracy"]
+                and last["espro_nll"] < last["deep_ensemble_nll"])
+    return rep
 
 
-def _figure(ctx: RunContext, cfg: SimplexConfig, complexes: dict, mode_acc: float, espro: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid")
+def _figure(complexes: dict, mode_acc: float, espro: list[dict]):
+    plt, pd, sns = seaborn()
     long = []
     for n, r in complexes.items():
         long += [{"free vertices": n, "test accuracy": a, "simplex": "SPRO"} for a in r["acc"]]
@@ -188,4 +280,27 @@ def _figure(ctx: RunContext, cfg: SimplexConfig, complexes: dict, mode_acc: floa
     axes[1].set_ylabel("test accuracy")
     axes[1].legend()
     axes[1].set_title("ensembles")
-    ctx.save_figure(fig, "simplexes")
+    return fig
+
+
+SIMPLEXES = register(Target(
+    name="benton2021-simplexes",
+    paper="Loss Surface Simplexes for Mode Connecting Volumes and Fast Ensembling (Benton et al., ICML 2021)",
+    arxiv="2102.13042",
+    config=SimplexConfig,
+    sizes=SIZES,
+    datasets=("mnist1d", "digits", "mnist", "cifar10"),
+    claims=(
+        Claim("spro-low-loss",
+              "mean test accuracy of points sampled in each SPRO simplex is within 1 point of the mode's",
+              "simplexes of 1–3+ free vertices keep the mode's accuracy (Fig. 3, Sec. 5)"),
+        Claim("espro-beats-deep-ensemble",
+              "with all the modes, ESPRO has higher accuracy and lower NLL than the deep ensemble of the same modes",
+              "ESPRO outperforms deep ensembles of the same number of independently trained models (Fig. 5)"),
+    ),
+    jobs=jobs,
+    report=report,
+    description="SPRO simplexes with 1–3 free vertices around a mode, against random-direction controls; "
+                "ESPRO vs deep ensembles.",
+    module_file=__file__,
+))

@@ -13,12 +13,11 @@ aligned to model 0 and averaged).
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from reference.barrier import linear_path
-from reference.data import load_dataset
 from reference.evaluate import evaluate_points
 from reference.matching import weight_matching
 from reference.merge import merge_many, pairwise_from_universe, universe_alignment
@@ -27,9 +26,8 @@ from reference.params import combine, stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from .common import RunContext, fmt_pm, mean_std
-from .endpoints import trained_endpoints
-from .registry import target
+from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, fmt_pm, mean_std, seaborn
+from ..runner.declare import register
 
 METHODS = ("pairwise", "mergemany", "universe")
 
@@ -37,17 +35,30 @@ METHODS = ("pairwise", "mergemany", "universe")
 @dataclass(frozen=True)
 class CycleConfig:
     dataset: str = "digits"
+    seed: int = 0
     widths: tuple[int, ...] = (128, 128, 128)
     ns: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
     grid: int = 17
     max_triples: int = 10
     max_pairs: int = 10
-    train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
 
-    @classmethod
-    def quick(cls) -> CycleConfig:
-        return cls(ns=(3, 4), grid=9, max_triples=4, max_pairs=4,
-                   train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+
+SIZES = {
+    "quick": CycleConfig(ns=(3, 4), grid=9, max_triples=4, max_pairs=4,
+                         train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")),
+    "cpu": CycleConfig(),
+    # Git Re-Basin's MergeMany experiment (Ainsworth et al. 2023, Alg. 3; the authors' src/mnist_mlp_wm_many.py):
+    # 32 MNIST MLPs with 3 hidden layers of 512 ReLU units, each trained with Adam, lr 1e-3, 100 epochs, batch 500
+    # (no schedule), then merged by MergeMany. Difference: their models each see a random half of the training set;
+    # ours all see all of it (the endpoints differ by their seed only). The n sweep up to their 32 models, the 25
+    # interpolation points (as their src/mnist_mlp_weight_matching.py) and max_triples / max_pairs are our choice.
+    # Needs --data-dir with the MNIST IDX files.
+    "paper": CycleConfig(dataset="mnist", widths=(512, 512, 512), ns=(3, 4, 8, 16, 32), grid=25, max_triples=10,
+                         max_pairs=10,
+                         train=TrainConfig(epochs=100, batch_size=500, lr=1e-3, optimizer="adam", schedule="constant")),
+}
 
 
 def _mid_barriers(model, pairs: list[tuple[dict, dict]], x, y, grid: int) -> list[float]:
@@ -81,60 +92,71 @@ def _maps(method: str, spec, models: list, seed: int) -> tuple[dict, dict]:
     return P, merged
 
 
-def _cycle_job(model, spec, models: list, data, cfg: CycleConfig, seed: int) -> dict:
+@dataclass(frozen=True)
+class CycleArgs:
+    """The first n trained models (n = len(models)), aligned three ways."""
+
+    model: dict
+    models: tuple[Endpoint, ...]
+    data: DataRef
+    grid: int
+    max_triples: int
+    max_pairs: int
+    seed: int  # seeds weight matching, MergeMany and the universe alignment
+
+
+def cycle_job(args: CycleArgs, ctx: JobContext) -> dict:
+    data = ctx.data(args.data)
+    model = build_model(args.model).to(ctx.dev)
+    spec = spec_for(model)
+    models = ctx.endpoints(args.models)
     x, y = data.x_train, data.y_train
     n = len(models)
     out = {}
     triples = list(itertools.combinations(range(n), 3))
     pairs = list(itertools.combinations(range(n), 2))
     for method in METHODS:
-        P, merged = _maps(method, spec, models, seed)
+        P, merged = _maps(method, spec, models, args.seed)
         fr = []
         for i, j, k in triples:
             comp = P[i, j].compose(P[j, k])
             diff = sum(int((comp[g] != P[i, k][g]).sum()) for g in spec.sizes)
             fr.append(diff / sum(spec.sizes.values()))
         cyc_pairs = [(models[i], P[i, j].compose(P[j, k]).compose(P[i, k].inverse()).apply(spec, models[i]))
-                     for i, j, k in triples[: cfg.max_triples]]
-        al_pairs = [(models[i], P[i, j].apply(spec, models[j])) for i, j in pairs[: cfg.max_pairs]]
+                     for i, j, k in triples[: args.max_triples]]
+        al_pairs = [(models[i], P[i, j].apply(spec, models[j])) for i, j in pairs[: args.max_pairs]]
         m = evaluate_points(model, stack([merged]), data.x_test, data.y_test)
         out[method] = {
             "nontransitivity": fr,
-            "cycle_barrier": _mid_barriers(model, cyc_pairs, x, y, cfg.grid),
-            "pair_barrier": _mid_barriers(model, al_pairs, x, y, cfg.grid),
+            "cycle_barrier": _mid_barriers(model, cyc_pairs, x, y, args.grid),
+            "pair_barrier": _mid_barriers(model, al_pairs, x, y, args.grid),
             "merged_test_accuracy": float(m.accuracy[0]), "merged_test_loss": float(m.loss[0]),
         }
     members = evaluate_points(model, stack(models), data.x_test, data.y_test)
     out["members_test_accuracy"] = float(members.accuracy.mean())
+    ctx.log(f"  n={n}: " + "; ".join(
+        f"{m} non-transitive {mean_std(out[m]['nontransitivity'])[0]:.3f}, merged acc "
+        f"{out[m]['merged_test_accuracy']:.3f}" for m in METHODS))
     return out
 
 
-@target(
-    "cycle-consistency",
-    paper="Git Re-Basin (Ainsworth et al. 2023) MergeMany; permutation synchronisation (Pachauri et al. 2013)",
-    arxiv="2209.04836",
-    claims=(
-        "pairwise weight matching is not transitive",
-        "universe alignment is exactly cycle-consistent",
-        "joint alignment gives a better merged model than aligning every model to one of them",
-    ),
-)
-def run(ctx: RunContext) -> None:
-    """Pairwise vs MergeMany vs universe alignment of n = 3 … 8 digits MLPs."""
-    cfg = CycleConfig.quick() if ctx.quick else CycleConfig()
-    ctx.config = asdict(cfg)
-    data = load_dataset(cfg.dataset, data_dir=ctx.data_dir).to(ctx.device)
-    mcfg = {"name": "mlp", "in_features": int(torch.tensor(data.input_shape).prod()), "widths": list(cfg.widths),
+def jobs(cfg: CycleConfig, data) -> list[Job]:
+    mcfg = {"name": "mlp", "in_features": data.in_features, "widths": list(cfg.widths),
             "num_classes": data.num_classes, "bias": True}
-    model = build_model(mcfg).to(ctx.device)
-    spec = spec_for(model)
-    seeds = [ctx.seed * 1000 + i for i in range(max(cfg.ns))]
-    models = [{k: v.to(ctx.device) for k, v in p.items()}
-              for p in trained_endpoints(ctx, mcfg, data, {"dataset": cfg.dataset}, cfg.train, seeds)]
+    seeds = [cfg.seed * 1000 + i for i in range(max(cfg.ns))]
+    eps = tuple(Endpoint(mcfg, cfg.train, s, data.ref) for s in seeds)
+    return [Job(cycle_job, CycleArgs(mcfg, eps[:n], data.ref, cfg.grid, cfg.max_triples, cfg.max_pairs, cfg.seed))
+            for n in cfg.ns]
+
+
+def report(cfg: CycleConfig, results: Results) -> Report:
+    """Pairwise vs MergeMany vs universe alignment of n = 3 … 8 MLPs."""
+    rep = Report()
     rows = []
-    for n in cfg.ns:
-        key = {"target": "cycle-consistency", "n": n, "model": mcfg, "cfg": asdict(cfg), "seeds": seeds[:n]}
-        res = ctx.job(key, lambda n=n: _cycle_job(model, spec, models[:n], data, cfg, ctx.seed))
+    ns = []
+    for args, res in results.of(CycleArgs):
+        n = len(args.models)
+        ns.append(n)
         for method in METHODS:
             r = res[method]
             rows.append({"n": n, "method": method,
@@ -146,47 +168,32 @@ def run(ctx: RunContext) -> None:
                          "merged_test_accuracy": r["merged_test_accuracy"],
                          "merged_test_loss": r["merged_test_loss"],
                          "members_test_accuracy": res["members_test_accuracy"]})
-        ctx.log(f"  n={n}: " + "; ".join(
-            f"{m} non-transitive {mean_std(res[m]['nontransitivity'])[0]:.3f}, merged acc "
-            f"{res[m]['merged_test_accuracy']:.3f}" for m in METHODS))
-    ctx.write_table("cycle_consistency", rows,
-                    ["n", "method", "nontransitivity", "cycle_barrier", "pair_barrier", "merged_test_accuracy",
-                     "merged_test_loss", "members_test_accuracy"],
-                    title=f"Alignment of n {cfg.dataset} MLPs {list(cfg.widths)}: non-transitivity (fraction of units, "
-                          f"over triples), train-loss barriers (mid) of the cycle and of aligned pairs, merged model")
-    _figure(ctx, rows)
+    rep.table("cycle_consistency", rows,
+              ["n", "method", "nontransitivity", "cycle_barrier", "pair_barrier", "merged_test_accuracy",
+               "merged_test_loss", "members_test_accuracy"],
+              title=f"Alignment of n {cfg.dataset} MLPs {list(cfg.widths)}: non-transitivity (fraction of units, "
+                    f"over triples), train-loss barriers (mid) of the cycle and of aligned pairs, merged model")
+    rep.figure("cycle_consistency", _figure(rows))
 
     def sel(method: str, col: str) -> list[float]:
         return [r[col] for r in rows if r["method"] == method]
 
     pw = sel("pairwise", "nontransitivity")
-    ctx.claim("pairwise-not-transitive", "pairwise weight matching leaves P_ik ≠ P_ij ∘ P_jk for some units at every n",
-              "pairwise alignment to θ₁ is not transitive (permuted-simplex note, Property 2)",
-              "mean non-transitive fraction by n: " + ", ".join(
-                  f"{n}: {f:.3f}" for n, f in zip(cfg.ns, pw, strict=True)), min(pw) > 0)
+    rep.verdict("pairwise-not-transitive", "mean non-transitive fraction by n: " + ", ".join(
+        f"{n}: {f:.3f}" for n, f in zip(ns, pw, strict=True)), min(pw) > 0)
     un = sel("universe", "nontransitivity") + sel("mergemany", "nontransitivity")
     cb = sel("universe", "cycle_barrier_mean") + sel("mergemany", "cycle_barrier_mean")
-    ctx.claim("universe-consistent", "universe (sync) and MergeMany maps have non-transitivity 0 and cycle barrier 0",
-              "P_ij = U_i⁻¹ U_j composes exactly by construction",
-              f"max non-transitivity {max(un):.3g}, max cycle barrier {max(cb):.3g}",
-              max(un) == 0 and max(abs(c) for c in cb) < 1e-6)
-    nmax = max(cfg.ns)
+    rep.verdict("universe-consistent", f"max non-transitivity {max(un):.3g}, max cycle barrier {max(cb):.3g}",
+                max(un) == 0 and max(abs(c) for c in cb) < 1e-6)
+    nmax = max(ns)
     acc = {m: [r["merged_test_accuracy"] for r in rows if r["method"] == m and r["n"] == nmax][0] for m in METHODS}
-    ctx.claim("joint-merge-better", f"with n = {nmax}, MergeMany's merged model is more accurate than the "
-                                    f"model-0-aligned (pairwise) merge",
-              "MergeMany aligns every model to the others jointly (Alg. 3)",
-              ", ".join(f"{m}: {a:.3f}" for m, a in acc.items()), acc["mergemany"] > acc["pairwise"])
+    rep.verdict("joint-merge-better", f"n = {nmax}: " + ", ".join(f"{m}: {a:.3f}" for m, a in acc.items()),
+                acc["mergemany"] > acc["pairwise"])
+    return rep
 
 
-def _figure(ctx: RunContext, rows: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid")
+def _figure(rows: list[dict]):
+    plt, pd, sns = seaborn()
     df = pd.DataFrame(rows)
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
     for ax, col, label in zip(axes, ("nontransitivity", "cycle_barrier_mean", "pair_barrier_mean",
@@ -195,4 +202,30 @@ def _figure(ctx: RunContext, rows: list[dict]) -> None:
                                "merged test accuracy"), strict=True):
         sns.lineplot(df, x="n", y=col, hue="method", marker="o", ax=ax)
         ax.set_title(label)
-    ctx.save_figure(fig, "cycle_consistency")
+    return fig
+
+
+CYCLE = register(Target(
+    name="cycle-consistency",
+    paper="Git Re-Basin (Ainsworth et al. 2023) MergeMany; permutation synchronisation (Pachauri et al. 2013)",
+    arxiv="2209.04836",
+    config=CycleConfig,
+    sizes=SIZES,
+    datasets=("digits", "mnist1d", "mnist", "cifar10"),
+    claims=(
+        Claim("pairwise-not-transitive",
+              "pairwise weight matching leaves P_ik ≠ P_ij ∘ P_jk for some units at every n",
+              "pairwise alignment to θ₁ is not transitive (permuted-simplex note, Property 2)"),
+        Claim("universe-consistent",
+              "universe (sync) and MergeMany maps have non-transitivity 0 and cycle barrier 0",
+              "P_ij = U_i⁻¹ U_j composes exactly by construction"),
+        Claim("joint-merge-better",
+              "with the largest n, MergeMany's merged model is more accurate than the model-0-aligned (pairwise) merge",
+              "MergeMany aligns every model to the others jointly (Alg. 3)"),
+    ),
+    jobs=jobs,
+    report=report,
+    description="Pairwise vs MergeMany vs universe alignment of n independently trained MLPs: non-transitivity, "
+                "cycle and pair barriers, merged accuracy.",
+    module_file=__file__,
+))
