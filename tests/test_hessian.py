@@ -309,17 +309,19 @@ def test_hvp_on_cuda_matches_cpu(case):
 
 @pytest.mark.slow
 def test_target_quick_run(tmp_path):
-    from repro.common import RunContext
-    from repro.registry import get_target
+    from repro.runner import get_target
+    from repro.runner.run import RunOptions, run_target
 
     tgt = get_target("rashomon-hessian")
-    ctx = RunContext(target=tgt.name, out_root=tmp_path, quick=True, device=torch.device("cpu"),
-                     cache_dir=tmp_path / "cache", progress=False)
-    tgt.run(ctx)
-    summary = ctx.finish()
-    out = tmp_path / "rashomon-hessian"
+    opts = RunOptions(size="quick", out=tmp_path / "out", cache_dir=tmp_path / "cache", device="cpu", progress=False)
+    summary = run_target(tgt, opts)
+    out = tmp_path / "out" / "rashomon-hessian"
     for name in ("spectrum", "hvp_directions", "estimators"):
         assert (out / f"{name}.csv").is_file() and (out / f"{name}.md").is_file()
     for name in ("spectrum_along_t", "hvp_directions", "density"):
         assert (out / f"{name}.png").is_file()
     assert len(summary["claims"]) == 6
+    assert {c["id"] for c in summary["claims"]} == set(tgt.claim_ids)
+    # one job per t plus the path and initialisation jobs, cached under <cache>/jobs/<target>/; the curve once
+    assert len(list((tmp_path / "cache" / "jobs" / "rashomon-hessian").glob("*.json"))) == 5 + 2
+    assert len(list((tmp_path / "cache" / "curves").glob("*.pt"))) == 1

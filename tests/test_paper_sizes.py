@@ -29,6 +29,13 @@ TINY: dict[str, list[str]] = {
                              "samples=4", "members_per_simplex=2", "vgg_stages=[[8],[8]]"],
     "cycle-consistency": ["train.epochs=1", "widths=[8,8,8]", "ns=[3]", "grid=3", "max_triples=1", "max_pairs=1"],
     "rebasin-mlp-sweeps": ["features=[8]", "weight_decays=[0,0.1]", "n_models=[2]", "epochs=1", "grid=3"],
+    "permuted-simplex": ["train.epochs=1", "curve_train.epochs=1", "widths=[8]", "main_width=8", "depth=1",
+                         "n_models=3", "ns=[2,3]", "triples=[[0,1,2]]", "complex_simplices=[[0,1,2]]", "repair_ns=[3]",
+                         "interior.steps=2", "interior.eval_lams=2", "samples=8", "adversarial_steps=1",
+                         "grid_resolution=2", "ternary_resolution=3", "repair_resolution=2", "ensemble_samples=2"],
+    "rashomon-hessian": ["train.epochs=1", "curve_train.epochs=1", "resnet_depth=8", "resnet_base=2", "t_grid=3",
+                         "density_ts=[0.0]", "top_k=2", "hutchinson_samples=4", "slq_probes=2", "slq_steps=8",
+                         "jacobian_examples=4", "hessian_batch=16"],
     "anokhin2020-connectors": ["one_layer_widths=[8]", "deep_widths=[8]", "deep_second=4", "ensemble_width=8",
                                "ensemble_members=3", "pairs=1", "points_per_segment=3", "train.epochs=1"],
 }

@@ -279,6 +279,9 @@ def test_target_quick_runs(tmp_path) -> None:
     assert {"property-2", "joint-beats-star", "interior-improves", "glue-exact", "complex-ensemble"} <= ids
     glue_claim = next(c for c in summary["claims"] if c["id"] == "glue-exact")
     assert glue_claim["held"], glue_claim
+    # the job cache is the runner's: <cache-dir>/jobs/<target>/, one record per job (3 cells + 4 main-cell parts)
+    assert len(list((env_cache / "jobs" / "permuted-simplex").glob("*.json"))) == 3 + 4
+    assert not (d / ".jobs").exists()
 
 
 def test_interior_with_a_dirichlet_concentration_is_seeded(task) -> None:

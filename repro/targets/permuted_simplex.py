@@ -8,6 +8,12 @@ barrier (Eq. SB: exact grid + adversarial ascent for n ≤ 4, Dirichlet samples 
 above), mean and centroid loss and worst edge. Then, on the main cell: the loss over a 2-simplex
 (ternary heatmaps), the "Property 2" table (edges to θ₁ vs the far edge), and the ensemble table
 (simplex / glued complex samples vs deep ensembles vs the merged centroid vs a Bézier curve).
+
+Every job's arguments hold the :class:`Endpoint` s it reads (model, training config with its weight
+decay, seed, data), so a part of the main cell is recomputed whenever its models change. The simplexes
+of n ≤ 4 models that several jobs align (the main cell's first 3 and 4 models) are memoised per process
+by content: the endpoints' key hashes, the method, the seed and, for the interior search, its config
+and the data fingerprint.
 """
 
 from __future__ import annotations
@@ -16,11 +22,11 @@ import itertools
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
 from reference.curves import train_curve
-from reference.data import load_dataset
 from reference.ensembles import ensemble_probs, ensemble_table
 from reference.merge import merge_many, repair
 from reference.models import build_model
@@ -36,9 +42,9 @@ from reference.simplex import sample_dirichlet
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from .common import RunContext, fmt_pm, mean_std
-from .endpoints import trained_endpoints
-from .registry import target
+from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, fmt_pm, mean_std, seaborn
+from ..runner.declare import register
+from ..runner.util import config_hash, jsonable
 
 # (label, align_simplex method, init for "interior")
 METHODS = (
@@ -49,6 +55,7 @@ METHODS = (
     ("interior", "interior", "universe"),
     ("interior-mm", "interior", "mergemany"),
 )
+TERNARY_METHODS = ("star", "universe", "mergemany", "interior")
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,7 @@ class InteriorConfig:
 @dataclass(frozen=True)
 class PermutedSimplexConfig:
     dataset: str = "digits"
+    seed: int = 0
     depth: int = 2
     widths: tuple[int, ...] = (64, 256)
     weight_decays: tuple[float, ...] = (0.0, 0.5)
@@ -86,101 +94,230 @@ class PermutedSimplexConfig:
     train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine")
     curve_train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
 
-    @classmethod
-    def quick(cls) -> PermutedSimplexConfig:
-        return cls(widths=(32,), weight_decays=(0.0,), main_width=32, n_models=4, ns=(2, 3, 4), grid_resolution=4,
-                   samples=32, adversarial_steps=5, ternary_resolution=8, triples=((0, 1, 2),),
-                   complex_simplices=((0, 1, 2), (0, 2, 3)), ensemble_samples=6, repair_ns=(3,),
-                   repair_methods=("star", "interior"), repair_resolution=3,
-                   interior=InteriorConfig(steps=20, eval_lams=8),
-                   train=TrainConfig(epochs=8, batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine"),
-                   curve_train=TrainConfig(epochs=4, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+
+SIZES = {
+    "quick": PermutedSimplexConfig(
+        widths=(32,), weight_decays=(0.0,), main_width=32, n_models=4, ns=(2, 3, 4), grid_resolution=4,
+        samples=32, adversarial_steps=5, ternary_resolution=8, triples=((0, 1, 2),),
+        complex_simplices=((0, 1, 2), (0, 2, 3)), ensemble_samples=6, repair_ns=(3,),
+        repair_methods=("star", "interior"), repair_resolution=3,
+        interior=InteriorConfig(steps=20, eval_lams=8),
+        train=TrainConfig(epochs=8, batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine"),
+        curve_train=TrainConfig(epochs=4, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")),
+    "cpu": PermutedSimplexConfig(),
+    # The research note (sources/000) states no experiment: no model, data or budget. It reasons about
+    # M-layer fully-connected nets (§1.1) and builds on Git Re-Basin ([3] of the note), so the paper size
+    # is Git Re-Basin's MNIST MLP (§5.1 / Fig. 2 and the authors' src/mnist_mlp_train.py: 3 hidden layers
+    # of 512 ReLU units, Adam, 100 epochs, batch 500, no schedule, no weight decay; lr 1e-3 is our choice,
+    # it is a command-line argument there). One cell (no weight-decay grid: our choice), 8 models and
+    # n = 2 … 8 as at the cpu size (our choice; the note only says n "may not be large", like the
+    # k < 10 of Benton et al. [4]). The Bézier curve of the ensemble table is trained with the same recipe
+    # (our choice). Every search/evaluation budget (grid, samples, ascent, interior steps) is the cpu
+    # size's (our choice). Needs --data-dir with the MNIST IDX files; the MLP reads the flattened images.
+    "paper": PermutedSimplexConfig(
+        dataset="mnist", depth=3, widths=(512,), weight_decays=(0.0,), main_width=512, main_wd=0.0,
+        train=TrainConfig(epochs=100, batch_size=500, lr=1e-3, optimizer="adam", schedule="constant"),
+        curve_train=TrainConfig(epochs=100, batch_size=500, lr=1e-3, optimizer="adam", schedule="constant")),
+}
 
 
-# alignments already computed in this process, by (the models' identities, method label, seed): the
-# main cell's simplexes of the first 3 and 4 models are reused by the Property 2, REPAIR, ternary and
-# ensemble parts instead of being searched again
-_ALIGNED: dict = {}
+# ---------------------------------------------------------------------------------------------
+# alignment, memoised by content
+
+# simplexes of n ≤ 4 models aligned in this process, by (the endpoints' key hashes, method label, seed,
+# interior search config and data fingerprint for the interior methods, device): the main cell's
+# simplexes of its first 3 and 4 models are reused by the Property 2, REPAIR, ternary and ensemble
+# parts instead of being searched again
+_ALIGNED: dict[tuple, Any] = {}
 
 
-def _align(spec, model, models, label: str, data, cfg: PermutedSimplexConfig, seed: int):
+def _method(label: str) -> tuple[str, str | None]:
+    return next((m, i) for lab, m, i in METHODS if lab == label)
+
+
+def _needs_interior(labels) -> bool:
+    return any(_method(lab)[0] == "interior" for lab in labels)
+
+
+def _align(ctx: JobContext, model, spec, eps, models, label: str, ref: DataRef, data, interior, seed: int):
     if len(models) > 4:  # only the small simplexes are reused
-        return _align_new(spec, model, models, label, data, cfg, seed)
-    key = (tuple(id(m) for m in models), label, seed)
+        return _align_new(model, spec, models, label, data, interior, seed)
+    meth, _ = _method(label)
+    key = (tuple(config_hash(e.key()) for e in eps), label, int(seed),
+           (config_hash(jsonable(interior)), ref.fingerprint) if meth == "interior" else None, ctx.device)
     if key not in _ALIGNED:
-        _ALIGNED[key] = _align_new(spec, model, models, label, data, cfg, seed)
+        _ALIGNED[key] = _align_new(model, spec, models, label, data, interior, seed)
     return _ALIGNED[key]
 
 
-def _align_new(spec, model, models, label: str, data, cfg: PermutedSimplexConfig, seed: int):
-    meth, init = next((m, i) for lab, m, i in METHODS if lab == label)
+def _align_new(model, spec, models, label: str, data, interior: InteriorConfig | None, seed: int):
+    meth, init = _method(label)
     kw = {}
     if meth == "interior":
-        ic = cfg.interior
+        ic = interior
         kw = dict(model=model, x=data.x_train, y=data.y_train, init=init, steps=ic.steps, lr=ic.lr,
                   batch_size=ic.batch_size, lams_per_step=ic.lams_per_step, eval_lams=ic.eval_lams)
     return align_simplex(spec, models, meth, seed=seed, **kw)
 
 
-def _barrier(model, vertices, data, cfg: PermutedSimplexConfig, seed: int):
-    return simplex_barrier(model, vertices, data.x_train, data.y_train, method="adversarial",
-                           resolution=cfg.grid_resolution, samples=cfg.samples,
-                           adversarial_steps=cfg.adversarial_steps, seed=seed)
+def _setup(args, ctx: JobContext):
+    data = ctx.data(args.data)
+    model = build_model(args.model).to(ctx.dev)
+    spec = spec_for(model)
+    models = ctx.endpoints(list(args.eps))
+    return data, model, spec, models
 
 
-def _cell_job(model, spec, models, data, cfg: PermutedSimplexConfig, n: int, seed: int) -> dict:
+# ---------------------------------------------------------------------------------------------
+# jobs
+
+
+@dataclass(frozen=True)
+class CellArgs:
+    """The simplex of θ₁ … θₙ of one cell, aligned by every method, and its barrier."""
+
+    model: dict
+    eps: tuple[Endpoint, ...]  # θ₁ … θₙ (n = len)
+    data: DataRef
+    interior: InteriorConfig
+    grid_resolution: int
+    samples: int
+    adversarial_steps: int
+    seed: int
+
+    @property
+    def width(self) -> int:
+        return self.model["widths"][0]
+
+    @property
+    def weight_decay(self) -> float:
+        return self.eps[0].train.weight_decay
+
+
+def cell_job(args: CellArgs, ctx: JobContext) -> dict:
+    data, model, spec, models = _setup(args, ctx)
+    n = len(models)
     out = {}
     for label, _, _ in METHODS:
         t0 = time.time()
-        ps = _align(spec, model, models[:n], label, data, cfg, seed)
+        ps = _align(ctx, model, spec, args.eps, models, label, args.data, data, args.interior, args.seed)
         t_align = time.time() - t0
-        b = _barrier(model, ps.vertices, data, cfg, seed)
+        b = simplex_barrier(model, ps.vertices, data.x_train, data.y_train, method="adversarial",
+                            resolution=args.grid_resolution, samples=args.samples,
+                            adversarial_steps=args.adversarial_steps, seed=args.seed)
         cen = evaluate_simplex(model, ps.vertices, data.x_test, data.y_test, [[1.0 / n] * n])
         out[label] = {**b.as_dict(), "align_s": t_align, "centroid_test_error": float(cen.error[0]),
                       "vertex_test_error": float(cen.vertex_error.mean()),
                       "best_step": ps.info.get("best_step"), "changed": (ps.info.get("changed") or [0])[-1]}
+    ctx.log(f"  width {args.width} wd {args.weight_decay} n={n}: " + ", ".join(
+        f"{lab} {out[lab]['barrier']:.3f}" for lab, _, _ in METHODS))
     return out
 
 
-def _property2_job(model, spec, models, data, cfg: PermutedSimplexConfig, seed: int) -> dict:
+@dataclass(frozen=True)
+class Property2Args:
+    """Every triple's 2-simplex on the main cell, aligned by every method: its grid barrier and edges."""
+
+    model: dict
+    eps: tuple[Endpoint, ...]  # θ₁ … θ_k, k = 1 + the largest index in ``triples``
+    data: DataRef
+    triples: tuple[tuple[int, int, int], ...]
+    interior: InteriorConfig
+    grid_resolution: int
+    seed: int
+
+
+def property2_job(args: Property2Args, ctx: JobContext) -> dict:
+    data, model, spec, models = _setup(args, ctx)
     out = {}
-    for tri in cfg.triples:
-        ms = [models[i] for i in tri]
+    for tri in args.triples:
+        es, ms = [args.eps[i] for i in tri], [models[i] for i in tri]
         for label, _, _ in METHODS:
-            ps = _align(spec, model, ms, label, data, cfg, seed)
+            ps = _align(ctx, model, spec, es, ms, label, args.data, data, args.interior, args.seed)
             b = simplex_barrier(model, ps.vertices, data.x_train, data.y_train, method="grid",
-                                resolution=cfg.grid_resolution * 2, seed=seed)
-            out[f"{tri}/{label}"] = b.as_dict()
+                                resolution=args.grid_resolution * 2, seed=args.seed)
+            out[f"{tuple(tri)}/{label}"] = b.as_dict()
+    ctx.log(f"  property 2: {len(args.triples)} triple(s) × {len(METHODS)} methods")
     return out
 
 
-def _repair_job(model, spec, models, data, cfg: PermutedSimplexConfig, seed: int) -> dict:
+@dataclass(frozen=True)
+class RepairArgs:
     """Simplex barriers without and with REPAIR (Jordan et al. 2023) at every evaluated point."""
+
+    model: dict
+    eps: tuple[Endpoint, ...]  # θ₁ … θ_k, k = max(ns)
+    data: DataRef
+    ns: tuple[int, ...]
+    methods: tuple[str, ...]
+    resolution: int
+    interior: InteriorConfig | None  # None when no method is an interior search
+    seed: int
+
+
+def repair_job(args: RepairArgs, ctx: JobContext) -> dict:
+    data, model, spec, models = _setup(args, ctx)
     out = {}
-    for n in cfg.repair_ns:
-        for label in cfg.repair_methods:
-            ps = _align(spec, model, models[:n], label, data, cfg, seed)
+    for n in args.ns:
+        for label in args.methods:
+            ps = _align(ctx, model, spec, args.eps[:n], models[:n], label, args.data, data, args.interior,
+                        args.seed)
             for corr in (None, "repair"):
                 b = simplex_barrier(model, ps.vertices, data.x_train, data.y_train, method="grid",
-                                    resolution=cfg.repair_resolution, mean_samples=64, edge_grid=7, seed=seed,
+                                    resolution=args.resolution, mean_samples=64, edge_grid=7, seed=args.seed,
                                     correction=corr, x_stats=data.x_train)
                 out[f"{n}/{label}/{corr}"] = b.as_dict()
+    ctx.log("  repair: " + ", ".join(f"n={n} {lab} {out[f'{n}/{lab}/None']['barrier']:.3f}→"
+                                     f"{out[f'{n}/{lab}/repair']['barrier']:.3f}"
+                                     for n in args.ns for lab in args.methods))
     return out
 
 
-def _ternary_job(model, spec, models, data, cfg: PermutedSimplexConfig, seed: int) -> dict:
-    lams = barycentric_grid(3, cfg.ternary_resolution)
+@dataclass(frozen=True)
+class TernaryArgs:
+    """The train loss on a barycentric grid of the 2-simplex θ₁, P₂(θ₂), P₃(θ₃), per method."""
+
+    model: dict
+    eps: tuple[Endpoint, ...]  # θ₁, θ₂, θ₃
+    data: DataRef
+    resolution: int
+    interior: InteriorConfig
+    seed: int
+
+
+def ternary_job(args: TernaryArgs, ctx: JobContext) -> dict:
+    data, model, spec, models = _setup(args, ctx)
+    lams = barycentric_grid(3, args.resolution)
     out = {"lams": lams.tolist()}
-    for label in ("star", "universe", "mergemany", "interior"):
-        ps = _align(spec, model, models[:3], label, data, cfg, seed)
+    for label in TERNARY_METHODS:
+        ps = _align(ctx, model, spec, args.eps[:3], models[:3], label, args.data, data, args.interior, args.seed)
         ev = evaluate_simplex(model, ps.vertices, data.x_train, data.y_train, lams)
         out[label] = ev.loss.tolist()
+    ctx.log("  ternary: max loss " + ", ".join(f"{k} {max(out[k]):.3f}" for k in TERNARY_METHODS))
     return out
 
 
-def _ensemble_job(model, spec, models, data, cfg: PermutedSimplexConfig, seed: int, device) -> dict:
+@dataclass(frozen=True)
+class EnsembleArgs:
+    """Ensembles of the main cell: single model, deep ensembles, a permuted simplex, the glued complex,
+    the merged centroid with and without REPAIR, a Bézier curve."""
+
+    model: dict
+    eps: tuple[Endpoint, ...]  # all N models of the main cell
+    data: DataRef
+    complex_simplices: tuple[tuple[int, ...], ...]
+    complex_method: str
+    samples: int
+    curve_train: TrainConfig
+    interior: InteriorConfig | None  # None when complex_method is not an interior search
+    seed: int
+
+
+def ensemble_job(args: EnsembleArgs, ctx: JobContext) -> dict:
+    data, model, spec, models = _setup(args, ctx)
+    seed = args.seed
     x, y, xt, yt = data.x_train, data.y_train, data.x_test, data.y_test
-    S = cfg.ensemble_samples
+    S = args.samples
     g = torch.Generator().manual_seed(seed)
     rows = {}
 
@@ -193,15 +330,16 @@ def _ensemble_job(model, spec, models, data, cfg: PermutedSimplexConfig, seed: i
     n_all = len(models)
     table(stack(models[:1]), 1, "single model (θ₁)")
     table(stack(models), n_all, f"deep ensemble ({n_all} models)")
-    first = cfg.complex_simplices[0]
+    first = args.complex_simplices[0]
     table(stack([models[i] for i in first]), len(first), f"deep ensemble of simplex 1's {len(first)} vertices")
     # one permuted simplex and the glued complex of permuted simplexes
-    sims = [_align(spec, model, [models[i] for i in s], cfg.complex_method, data, cfg, seed)
-            for s in cfg.complex_simplices]
+    sims = [_align(ctx, model, spec, [args.eps[i] for i in s], [models[i] for i in s], args.complex_method,
+                   args.data, data, args.interior, seed)
+            for s in args.complex_simplices]
     lam = sample_dirichlet(S, len(first), g)
     table(sims[0].points(lam), len(first), f"permuted simplex 1 ({S} samples)")
     cx = glue(spec, [s.vertices for s in sims])
-    truth = [tuple(s) for s in cfg.complex_simplices]
+    truth = [tuple(s) for s in args.complex_simplices]
     first_seen: dict[int, int] = {}
     for s in truth:
         for m in s:
@@ -217,106 +355,110 @@ def _ensemble_job(model, spec, models, data, cfg: PermutedSimplexConfig, seed: i
     rep = repair(model, aligned, [1.0 / n_all] * n_all, x)
     table(stack([rep]), 1, f"merged centroid + REPAIR (of {n_all})")
     # a Bézier curve between θ₁ and θ₂ (Garipov et al. 2018)
-    curve = train_curve(model, models[0], models[1], x, y, cfg=cfg.curve_train, kind="bezier", seed=seed,
-                        device=device, progress=False)
+    curve = train_curve(model, models[0], models[1], x, y, cfg=args.curve_train, kind="bezier", seed=seed,
+                        device=ctx.dev, progress=False)
     ts = (torch.arange(S, dtype=torch.float64) + 0.5) / S
     table(curve.points_at(ts), 3, f"Bézier curve θ₁–θ₂ ({S} samples)")
+    ctx.log("  ensembles: test NLL " + ", ".join(f"{k} {v['nll']:.4f}" for k, v in rows.items()))
     return {"rows": rows, "glue": {"classes": [list(c) for c in cx.classes], "expected": [list(c) for c in expected],
                                    "shared": len(cx.shared()), "max_function_gap": max(gaps.values())}}
 
 
 def _mcfg(data, width: int, depth: int) -> dict:
-    return {"name": "mlp", "in_features": int(torch.tensor(data.input_shape).prod()), "widths": [width] * depth,
+    return {"name": "mlp", "in_features": data.in_features, "widths": [width] * depth,
             "num_classes": data.num_classes, "bias": True}
 
 
-@target(
-    "permuted-simplex",
-    paper="Extensive Linear Connectivity and Application in Model Ensemble (project research note, sources/000)",
-    claims=(
-        "pairwise alignment to θ₁ leaves a barrier between P₂(θ₂) and P₃(θ₃) (Property 2)",
-        "joint alignment gives lower simplex barriers than the star",
-        "optimising the interior loss lowers the simplex barrier of its initialisation",
-        "low-loss permuted simplexes stop existing as n grows",
-        "permuted simplexes glue into a complex whose samples form an ensemble",
-    ),
-)
-def run(ctx: RunContext) -> None:
-    """Simplex barrier vs n per alignment method; ternary heatmaps; Property 2; ensembles."""
-    cfg = PermutedSimplexConfig.quick() if ctx.quick else PermutedSimplexConfig()
-    ctx.config = asdict(cfg)
-    data = load_dataset(cfg.dataset, data_dir=ctx.data_dir).to(ctx.device)
-    seeds = [ctx.seed * 1000 + i for i in range(cfg.n_models)]
-    rows = []
-    main = None
+def _train_cfg(cfg: PermutedSimplexConfig, wd: float) -> TrainConfig:
+    return TrainConfig(**{**asdict(cfg.train), "weight_decay": wd})
+
+
+def jobs(cfg: PermutedSimplexConfig, data) -> list[Job]:
+    if cfg.main_width not in cfg.widths or cfg.main_wd not in cfg.weight_decays:
+        raise ValueError(f"permuted-simplex: the main cell (main_width {cfg.main_width}, main_wd {cfg.main_wd}) "
+                         f"must be one of the grid's cells (widths {cfg.widths} × weight_decays {cfg.weight_decays})")
+    if max(cfg.ns) > cfg.n_models:
+        raise ValueError(f"permuted-simplex: ns {cfg.ns} asks for more than n_models = {cfg.n_models} models")
+    used = [i for tri in cfg.triples for i in tri] + [i for s in cfg.complex_simplices for i in s]
+    if max(used) >= cfg.n_models or max(cfg.repair_ns) > cfg.n_models or cfg.n_models < 3:
+        raise ValueError(f"permuted-simplex: triples, complex_simplices and repair_ns must index the first "
+                         f"n_models = {cfg.n_models} (≥ 3) models")
+    seeds = [cfg.seed * 1000 + i for i in range(cfg.n_models)]
+    out: list[Job] = []
     for width, wd in itertools.product(cfg.widths, cfg.weight_decays):
         mcfg = _mcfg(data, width, cfg.depth)
-        model = build_model(mcfg).to(ctx.device)
-        spec = spec_for(model)
-        tcfg = TrainConfig(**{**asdict(cfg.train), "weight_decay": wd})
-        models = [{k: v.to(ctx.device) for k, v in p.items()}
-                  for p in trained_endpoints(ctx, mcfg, data, {"dataset": cfg.dataset}, tcfg, seeds)]
-        if width == cfg.main_width and wd == cfg.main_wd:
-            main = (model, spec, models, mcfg)
-        base = {"target": "permuted-simplex", "model": mcfg, "train": asdict(tcfg), "seeds": seeds,
-                "interior": asdict(cfg.interior), "grid": cfg.grid_resolution, "samples": cfg.samples,
-                "adv": cfg.adversarial_steps}
+        eps = tuple(Endpoint(mcfg, _train_cfg(cfg, wd), s, data.ref) for s in seeds)
         for n in cfg.ns:
-            res = ctx.job({**base, "n": n},
-                          lambda n=n, model=model, spec=spec, models=models: _cell_job(
-                              model, spec, models, data, cfg, n, ctx.seed))
-            for label, _, _ in METHODS:
-                r = res[label]
-                rows.append({"width": width, "weight_decay": wd, "n": n, "method": label, **{
-                    k: r[k] for k in ("barrier", "mean_loss", "centroid_loss", "max_edge_barrier",
-                                      "centroid_test_error", "vertex_test_error", "align_s", "changed")},
-                    "vertex_loss": sum(r["vertex_loss"]) / n})
-            ctx.log(f"  width {width} wd {wd} n={n}: " + ", ".join(
-                f"{lab} {res[lab]['barrier']:.3f}" for lab, _, _ in METHODS))
+            out.append(Job(cell_job, CellArgs(mcfg, eps[:n], data.ref, cfg.interior, cfg.grid_resolution,
+                                              cfg.samples, cfg.adversarial_steps, cfg.seed)))
+    mcfg = _mcfg(data, cfg.main_width, cfg.depth)
+    eps = tuple(Endpoint(mcfg, _train_cfg(cfg, cfg.main_wd), s, data.ref) for s in seeds)
+    k = 1 + max(i for tri in cfg.triples for i in tri)
+    out.append(Job(property2_job, Property2Args(mcfg, eps[:k], data.ref, cfg.triples, cfg.interior,
+                                                cfg.grid_resolution, cfg.seed)))
+    out.append(Job(repair_job, RepairArgs(mcfg, eps[:max(cfg.repair_ns)], data.ref, cfg.repair_ns,
+                                          cfg.repair_methods, cfg.repair_resolution,
+                                          cfg.interior if _needs_interior(cfg.repair_methods) else None, cfg.seed)))
+    out.append(Job(ternary_job, TernaryArgs(mcfg, eps[:3], data.ref, cfg.ternary_resolution, cfg.interior,
+                                            cfg.seed)))
+    out.append(Job(ensemble_job, EnsembleArgs(mcfg, eps, data.ref, cfg.complex_simplices, cfg.complex_method,
+                                              cfg.ensemble_samples, cfg.curve_train,
+                                              cfg.interior if _needs_interior([cfg.complex_method]) else None,
+                                              cfg.seed)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+
+def report(cfg: PermutedSimplexConfig, results: Results) -> Report:
+    """Simplex barrier vs n per alignment method; ternary heatmaps; Property 2; ensembles."""
+    rep = Report()
+    rows = []
+    for args, res in results.of(CellArgs):
+        n = len(args.eps)
+        for label, _, _ in METHODS:
+            r = res[label]
+            rows.append({"width": args.width, "weight_decay": args.weight_decay, "n": n, "method": label, **{
+                k: r[k] for k in ("barrier", "mean_loss", "centroid_loss", "max_edge_barrier",
+                                  "centroid_test_error", "vertex_test_error", "align_s", "changed")},
+                "vertex_loss": sum(r["vertex_loss"]) / n})
     cols = ["width", "weight_decay", "n", "method", "barrier", "mean_loss", "centroid_loss", "max_edge_barrier",
             "vertex_loss", "centroid_test_error", "vertex_test_error", "align_s", "changed"]
-    ctx.write_table("simplex_barrier", rows, cols,
-                    title=f"Simplex train-loss barrier (Eq. SB; adversarial search) of θ₁, P₂(θ₂), …, Pₙ(θₙ), "
-                          f"{cfg.dataset} MLPs depth {cfg.depth}; mean/centroid/edge losses; interior moved "
-                          f"'changed' units from its start")
-    _barrier_figure(ctx, rows, cfg)
-    _low_loss_table(ctx, rows, cfg)
+    rep.table("simplex_barrier", rows, cols,
+              title=f"Simplex train-loss barrier (Eq. SB; adversarial search) of θ₁, P₂(θ₂), …, Pₙ(θₙ), "
+                    f"{cfg.dataset} MLPs depth {cfg.depth}; mean/centroid/edge losses; interior moved "
+                    f"'changed' units from its start")
+    rep.figure("simplex_barrier", _barrier_figure(rows, cfg))
+    _low_loss_table(rep, rows, cfg)
 
-    model, spec, models, mcfg = main
-    mkey = {"target": "permuted-simplex", "model": mcfg, "seeds": seeds, "interior": asdict(cfg.interior)}
-    p2 = ctx.job({**mkey, "part": "property2", "triples": cfg.triples, "grid": cfg.grid_resolution},
-                 lambda: _property2_job(model, spec, models, data, cfg, ctx.seed))
-    p2rows = _property2_table(ctx, p2, cfg)
-    rep = ctx.job({**mkey, "part": "repair", "ns": cfg.repair_ns, "methods": cfg.repair_methods,
-                   "res": cfg.repair_resolution},
-                  lambda: _repair_job(model, spec, models, data, cfg, ctx.seed))
+    p2rows = _property2_table(rep, results.one(Property2Args), cfg)
+    rp = results.one(RepairArgs)
     rrows = []
     for n in cfg.repair_ns:
         for label in cfg.repair_methods:
-            a, b = rep[f"{n}/{label}/None"], rep[f"{n}/{label}/repair"]
+            a, b = rp[f"{n}/{label}/None"], rp[f"{n}/{label}/repair"]
             rrows.append({"n": n, "method": label, "barrier": a["barrier"], "barrier_repair": b["barrier"],
                           "mean_loss": a["mean_loss"], "mean_loss_repair": b["mean_loss"],
                           "centroid_loss": a["centroid_loss"], "centroid_loss_repair": b["centroid_loss"]})
-    ctx.write_table("repair", rrows, ["n", "method", "barrier", "barrier_repair", "mean_loss", "mean_loss_repair",
-                                      "centroid_loss", "centroid_loss_repair"],
-                    title=f"Simplex barrier (grid, resolution {cfg.repair_resolution}) and mean/centroid train loss "
-                          f"without and with REPAIR at every point, width {cfg.main_width}")
-    tern = ctx.job({**mkey, "part": "ternary", "res": cfg.ternary_resolution},
-                   lambda: _ternary_job(model, spec, models, data, cfg, ctx.seed))
-    _ternary_figure(ctx, tern, cfg)
-    ens = ctx.job({**mkey, "part": "ensemble", "complex": cfg.complex_simplices, "method": cfg.complex_method,
-                   "S": cfg.ensemble_samples, "curve": asdict(cfg.curve_train)},
-                  lambda: _ensemble_job(model, spec, models, data, cfg, ctx.seed, ctx.device))
+    rep.table("repair", rrows, ["n", "method", "barrier", "barrier_repair", "mean_loss", "mean_loss_repair",
+                                "centroid_loss", "centroid_loss_repair"],
+              title=f"Simplex barrier (grid, resolution {cfg.repair_resolution}) and mean/centroid train loss "
+                    f"without and with REPAIR at every point, width {cfg.main_width}")
+    rep.figure("ternary", _ternary_figure(results.one(TernaryArgs)))
+    ens = results.one(EnsembleArgs)
     erows = [{"ensemble": k, **v} for k, v in ens["rows"].items()]
-    ctx.write_table("ensembles", erows,
-                    ["ensemble", "nll", "accuracy", "ece", "auroc", "members", "stored_vectors", "member_mean_nll",
-                     "member_mean_accuracy"],
-                    title=f"Test metrics of ensembles, {cfg.dataset} MLP width {cfg.main_width}; permuted simplexes "
-                          f"aligned by {cfg.complex_method}; stored_vectors = parameter vectors kept")
-    _claims(ctx, rows, p2rows, ens, cfg)
+    rep.table("ensembles", erows,
+              ["ensemble", "nll", "accuracy", "ece", "auroc", "members", "stored_vectors", "member_mean_nll",
+               "member_mean_accuracy"],
+              title=f"Test metrics of ensembles, {cfg.dataset} MLP width {cfg.main_width}; permuted simplexes "
+                    f"aligned by {cfg.complex_method}; stored_vectors = parameter vectors kept")
+    _verdicts(rep, rows, p2rows, ens, cfg)
+    return rep
 
 
-def _low_loss_table(ctx: RunContext, rows: list[dict], cfg: PermutedSimplexConfig) -> None:
+def _low_loss_table(rep: Report, rows: list[dict], cfg: PermutedSimplexConfig) -> None:
     out = []
     for width, wd in itertools.product(cfg.widths, cfg.weight_decays):
         for label, _, _ in METHODS:
@@ -329,12 +471,12 @@ def _low_loss_table(ctx: RunContext, rows: list[dict], cfg: PermutedSimplexConfi
                 else:
                     break
             out.append({"width": width, "weight_decay": wd, "method": label, "largest_low_loss_n": largest})
-    ctx.write_table("low_loss_n", out, ["width", "weight_decay", "method", "largest_low_loss_n"],
-                    title=f"Largest n such that every simplex of n = 2 … that n has barrier < {cfg.low_loss} nats "
-                          f"(0: none)")
+    rep.table("low_loss_n", out, ["width", "weight_decay", "method", "largest_low_loss_n"],
+              title=f"Largest n such that every simplex of n = 2 … that n has barrier < {cfg.low_loss} nats "
+                    f"(0: none)")
 
 
-def _property2_table(ctx: RunContext, p2: dict, cfg: PermutedSimplexConfig) -> list[dict]:
+def _property2_table(rep: Report, p2: dict, cfg: PermutedSimplexConfig) -> list[dict]:
     rows = []
     for label, _, _ in METHODS:
         near, far, sb = [], [], []
@@ -347,19 +489,16 @@ def _property2_table(ctx: RunContext, p2: dict, cfg: PermutedSimplexConfig) -> l
         rows.append({"method": label, "edges_to_theta1": fmt_pm(near), "far_edge": fmt_pm(far),
                      "simplex_barrier": fmt_pm(sb), "near_mean": mean_std(near)[0], "far_mean": mean_std(far)[0],
                      "simplex_mean": mean_std(sb)[0]})
-    ctx.write_table("property2", rows, ["method", "edges_to_theta1", "far_edge", "simplex_barrier"],
-                    title=f"Property 2: train-loss barriers (max chord) of the edges θ₁–Pᵢ(θᵢ) vs the far edge "
-                          f"P₂(θ₂)–P₃(θ₃) and of the 2-simplex (grid), mean ± std over {len(cfg.triples)} triples")
+    rep.table("property2", rows, ["method", "edges_to_theta1", "far_edge", "simplex_barrier"],
+              title=f"Property 2: train-loss barriers (max chord) of the edges θ₁–Pᵢ(θᵢ) vs the far edge "
+                    f"P₂(θ₂)–P₃(θ₃) and of the 2-simplex (grid), mean ± std over {len(cfg.triples)} triples")
     return rows
 
 
-def _claims(ctx: RunContext, rows: list[dict], p2rows: list[dict], ens: dict, cfg: PermutedSimplexConfig) -> None:
+def _verdicts(rep: Report, rows: list[dict], p2rows: list[dict], ens: dict, cfg: PermutedSimplexConfig) -> None:
     star = next(r for r in p2rows if r["method"] == "star")
-    ctx.claim("property-2", "with star alignment the far edge P₂(θ₂)–P₃(θ₃) has a higher barrier than the edges "
-                            "θ₁–Pᵢ(θᵢ) (mean over triples)",
-              "research note, Property 2: pairwise alignment guarantees nothing between P₂(θ₂) and P₃(θ₃)",
-              f"edges to θ₁ {star['edges_to_theta1']}, far edge {star['far_edge']}",
-              star["far_mean"] > star["near_mean"])
+    rep.verdict("property-2", f"edges to θ₁ {star['edges_to_theta1']}, far edge {star['far_edge']}",
+                star["far_mean"] > star["near_mean"])
 
     def sel(label, width=None, wd=None, nmin=3):
         width = cfg.main_width if width is None else width
@@ -370,11 +509,10 @@ def _claims(ctx: RunContext, rows: list[dict], p2rows: list[dict], ens: dict, cf
     ns3 = [n for n in cfg.ns if n >= 3]
     st, un, mm = sel("star"), sel("universe"), sel("mergemany")
     joint = {n: min(un[n], mm[n]) for n in ns3}
-    ctx.claim("joint-beats-star", f"at every n ≥ 3 (width {cfg.main_width}, wd {cfg.main_wd}) the better joint "
-                                  f"alignment (MergeMany or universe) has a lower simplex barrier than the star",
-              "research note §1.3 (pairwise alignment is not transitive); Ainsworth et al. 2023 MergeMany",
-              "; ".join(f"n={n}: star {st[n]:.3f}, MergeMany {mm[n]:.3f}, universe {un[n]:.3f}" for n in ns3),
-              all(joint[n] < st[n] for n in ns3))
+    rep.verdict("joint-beats-star",
+                f"width {cfg.main_width}, wd {cfg.main_wd}: "
+                + "; ".join(f"n={n}: star {st[n]:.3f}, MergeMany {mm[n]:.3f}, universe {un[n]:.3f}" for n in ns3),
+                all(joint[n] < st[n] for n in ns3))
     better, total, detail = 0, 0, []
     for width, wd in itertools.product(cfg.widths, cfg.weight_decays):
         a, b = sel("universe", width, wd), sel("interior", width, wd)
@@ -382,11 +520,8 @@ def _claims(ctx: RunContext, rows: list[dict], p2rows: list[dict], ens: dict, cf
             total += 1
             better += b[n] < a[n]
         detail.append(f"w{width}/wd{wd}: " + ", ".join(f"{a[n]:.3f}→{b[n]:.3f}" for n in ns3))
-    ctx.claim("interior-improves", "interior optimisation (from universe) lowers the simplex barrier of universe "
-                                   "alignment at every n ≥ 3 in every cell",
-              "the issue's hypothesis: optimising the expected interior loss finds better permutations than "
-              "alignment by weights",
-              f"lower in {better}/{total} cells×n; universe→interior " + " | ".join(detail), better == total)
+    rep.verdict("interior-improves", f"lower in {better}/{total} cells×n; universe→interior " + " | ".join(detail),
+                better == total)
     ll = []
     grows = True
     for width, wd in itertools.product(cfg.widths, cfg.weight_decays):
@@ -395,37 +530,23 @@ def _claims(ctx: RunContext, rows: list[dict], p2rows: list[dict], ens: dict, cf
             nmax, nmin = max(s), min(s)
             grows &= s[nmax] > s[nmin]
             ll.append(f"w{width}/wd{wd} {label}: n={nmin} {s[nmin]:.3f} → n={nmax} {s[nmax]:.3f}")
-    ctx.claim("barrier-grows-with-n", "for the best aligners the simplex barrier at the largest n exceeds that of "
-                                      "the edge (n = 2) in every cell",
-              "research note §1.3: like Benton et al.'s simplexes, the number of vertices n 'may not be large'",
-              "; ".join(ll), grows)
+    rep.verdict("barrier-grows-with-n", "; ".join(ll), grows)
     g = ens["glue"]
-    ctx.claim("glue-exact", "gluing identifies exactly the vertices that are the same model up to permutation, and "
-                            "identified vertices compute the same function",
-              "research note §1.3, Figure 2: simplexes glued through equivalence classes θ̄",
-              f"classes {g['classes']} (expected {g['expected']}), {g['shared']} shared classes, max logit gap "
-              f"{g['max_function_gap']:.2e}", g["classes"] == g["expected"] and g["max_function_gap"] < 1e-3)
+    rep.verdict("glue-exact", f"classes {g['classes']} (expected {g['expected']}), {g['shared']} shared classes, "
+                              f"max logit gap {g['max_function_gap']:.2e}",
+                g["classes"] == g["expected"] and g["max_function_gap"] < 1e-3)
     er = ens["rows"]
     cx = next(v for k, v in er.items() if k.startswith("permuted complex"))
-    de = next(v for k, v in er.items() if k.startswith("deep ensemble (") )
+    de = next(v for k, v in er.items() if k.startswith("deep ensemble ("))
     single = next(v for k, v in er.items() if k.startswith("single"))
-    ctx.claim("complex-ensemble", "a permuted-complex ensemble is better than a single model in test NLL and "
-                                  "within 5% of the deep ensemble of the same stored models",
-              "research note title: 'application in model ensemble' (no numbers given)",
-              f"NLL: single {single['nll']:.4f}, complex {cx['nll']:.4f} ({cx['stored_vectors']} vectors), deep "
-              f"ensemble {de['nll']:.4f} ({de['stored_vectors']} vectors)",
-              cx["nll"] < single["nll"] and cx["nll"] <= 1.05 * de["nll"])
+    rep.verdict("complex-ensemble",
+                f"NLL: single {single['nll']:.4f}, complex {cx['nll']:.4f} ({cx['stored_vectors']} vectors), deep "
+                f"ensemble {de['nll']:.4f} ({de['stored_vectors']} vectors)",
+                cx["nll"] < single["nll"] and cx["nll"] <= 1.05 * de["nll"])
 
 
-def _barrier_figure(ctx: RunContext, rows: list[dict], cfg: PermutedSimplexConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid")
+def _barrier_figure(rows: list[dict], cfg: PermutedSimplexConfig):
+    plt, pd, sns = seaborn()
     df = pd.DataFrame(rows)
     df["cell"] = df.apply(lambda r: f"width {r['width']}, wd {r['weight_decay']}", axis=1)
     cells = list(dict.fromkeys(df["cell"]))
@@ -442,24 +563,19 @@ def _barrier_figure(ctx: RunContext, rows: list[dict], cfg: PermutedSimplexConfi
             axes[i, j].set_ylabel("")
     axes[0, 0].set_ylabel("simplex barrier (train loss, Eq. SB)")
     axes[1, 0].set_ylabel("mean train loss over the simplex")
-    ctx.save_figure(fig, "simplex_barrier")
+    return fig
 
 
-def _ternary_figure(ctx: RunContext, tern: dict, cfg: PermutedSimplexConfig) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def _ternary_figure(tern: dict):
     import matplotlib.tri as mtri
-    import seaborn as sns
 
-    sns.set_theme(style="white")
+    plt, _, _ = seaborn(style="white")
     lams = torch.tensor(tern["lams"], dtype=torch.float64)
     # barycentric → plane: vertices θ₁ (0, 0), P₂(θ₂) (1, 0), P₃(θ₃) (½, √3/2)
     px = lams[:, 1] + 0.5 * lams[:, 2]
     py = lams[:, 2] * math.sqrt(3) / 2
     tri = mtri.Triangulation(px.numpy(), py.numpy())
-    labels = [k for k in ("star", "universe", "mergemany", "interior") if k in tern]
+    labels = [k for k in TERNARY_METHODS if k in tern]
     vals = {k: torch.tensor(tern[k]).log10().numpy() for k in labels}
     lo = min(float(v.min()) for v in vals.values())
     hi = max(float(v.max()) for v in vals.values())
@@ -473,4 +589,45 @@ def _ternary_figure(ctx: RunContext, tern: dict, cfg: PermutedSimplexConfig) -> 
         for (vx, vy), name in zip(((0, 0), (1, 0), (0.5, math.sqrt(3) / 2)), ("θ₁", "P₂(θ₂)", "P₃(θ₃)"), strict=True):
             ax.annotate(name, (vx, vy), ha="center", va="top" if vy == 0 else "bottom", fontsize=9)
     fig.colorbar(cs, ax=axes, shrink=0.8, label="log₁₀ train loss")
-    ctx.save_figure(fig, "ternary")
+    return fig
+
+
+TARGET = register(Target(
+    name="permuted-simplex",
+    paper="Extensive Linear Connectivity and Application in Model Ensemble (project research note, sources/000)",
+    arxiv="",
+    config=PermutedSimplexConfig,
+    sizes=SIZES,
+    datasets=("digits", "mnist1d", "mnist", "cifar10"),
+    claims=(
+        Claim("property-2",
+              "with star alignment the far edge P₂(θ₂)–P₃(θ₃) has a higher barrier than the edges θ₁–Pᵢ(θᵢ) "
+              "(mean over triples)",
+              "research note, Property 2: pairwise alignment guarantees nothing between P₂(θ₂) and P₃(θ₃)"),
+        Claim("joint-beats-star",
+              "at every n ≥ 3 on the main cell (main_width, main_wd) the better joint alignment (MergeMany or "
+              "universe) has a lower simplex barrier than the star",
+              "research note §1.3 (pairwise alignment is not transitive); Ainsworth et al. 2023 MergeMany"),
+        Claim("interior-improves",
+              "interior optimisation (from universe) lowers the simplex barrier of universe alignment at every "
+              "n ≥ 3 in every cell",
+              "the issue's hypothesis: optimising the expected interior loss finds better permutations than "
+              "alignment by weights"),
+        Claim("barrier-grows-with-n",
+              "for the best aligners the simplex barrier at the largest n exceeds that of the edge (n = 2) in "
+              "every cell",
+              "research note §1.3: like Benton et al.'s simplexes, the number of vertices n 'may not be large'"),
+        Claim("glue-exact",
+              "gluing identifies exactly the vertices that are the same model up to permutation, and identified "
+              "vertices compute the same function",
+              "research note §1.3, Figure 2: simplexes glued through equivalence classes θ̄"),
+        Claim("complex-ensemble",
+              "a permuted-complex ensemble is better than a single model in test NLL and within 5% of the deep "
+              "ensemble of the same stored models",
+              "research note title: 'application in model ensemble' (no numbers given)"),
+    ),
+    jobs=jobs,
+    report=report,
+    description="Simplex barrier vs n per alignment method; ternary heatmaps; Property 2; ensembles.",
+    module_file=__file__,
+))
