@@ -36,6 +36,11 @@ TINY: dict[str, list[str]] = {
     "rashomon-hessian": ["train.epochs=1", "curve_train.epochs=1", "resnet_depth=8", "resnet_base=2", "t_grid=3",
                          "density_ts=[0.0]", "top_k=2", "hutchinson_samples=4", "slq_probes=2", "slq_steps=8",
                          "jacobian_examples=4", "hessian_batch=16"],
+    "curve-ensemble": ["train.epochs=1", "curve_train.epochs=1", "members=2", "t_grid=3", "plane_grid=3"],
+    "garipov2018-curves": ["train.epochs=1", "curve_train.epochs=1", "neb.cycles=1", "neb.train.epochs=1",
+                           "neb.init_pivots=1", "neb.sub_points=1", "resnet.train.epochs=1",
+                           "resnet.curve_train.epochs=1", "resnet.neb.cycles=1", "resnet.neb.train.epochs=1",
+                           "resnet.neb.init_pivots=1", "resnet.neb.sub_points=1", "grid=3", "neb_grid_sub=0"],
     "anokhin2020-connectors": ["one_layer_widths=[8]", "deep_widths=[8]", "deep_second=4", "ensemble_width=8",
                                "ensemble_members=3", "pairs=1", "points_per_segment=3", "train.epochs=1"],
 }

@@ -182,11 +182,8 @@ def load_all() -> dict[str, Target]:
     module names: a researcher's own targets, declared like the suite's)."""
     import os
 
-    only = os.environ.get("MODECONN_PORTED")  # TEMPORARY while targets are ported
     extra = [m.strip() for m in os.environ.get("MODECONN_TARGETS", "").split(",") if m.strip()]
     for m in [*MODULES, *extra]:
-        if only and m in MODULES and m.rsplit(".", 1)[1] not in only.split(","):
-            continue
         importlib.import_module(m)
     return TARGETS
 
