@@ -15,7 +15,8 @@ from .runner.run import RunOptions, default_cache_dir, run_target
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m repro", description="Reproduction targets of the mode-connectivity suite.")
+    p = argparse.ArgumentParser(prog="python -m repro",
+                                description="Reproduction targets of the mode-connectivity suite.")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("list", help="each target's paper, sizes, datasets and claim ids")
     r = sub.add_parser("run", help="run one or more targets")
