@@ -197,31 +197,13 @@ def test_set_is_validated_and_recorded(tmp_path):
     assert prov["data"]["fingerprint"] == s["data_fingerprint"] and prov["size"] == "quick"
 
 
-def _datarefs(obj):
-    from dataclasses import fields, is_dataclass
-
-    from repro.runner import DataRef
-
-    if isinstance(obj, DataRef):
-        yield obj
-    elif is_dataclass(obj) and not isinstance(obj, type):
-        for f in fields(obj):
-            yield from _datarefs(getattr(obj, f.name))
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _datarefs(v)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _datarefs(v)
-
-
 def test_every_target_honours_every_dataset_it_declares(tmp_path):
     """Defect: --dataset was read by 4 of 10 targets. Now, for every target and every dataset it declares,
     every data reference in every job (and in every endpoint it trains) names that dataset."""
     from fake_data import make_cifar
 
     from reference.data import load_dataset
-    from repro.runner.context import DataRef, LoadedData, data_fingerprint, find_endpoints
+    from repro.runner.context import DataRef, LoadedData, data_fingerprint, find, find_endpoints
     from repro.runner.declare import load_all
 
     make_mnist(tmp_path / "mnist", n_train=20, n_test=10)
@@ -244,7 +226,7 @@ def test_every_target_honours_every_dataset_it_declares(tmp_path):
                 except ValueError as e:
                     errors.append(str(e))
             assert jobs is not None, (t.name, ds, errors)
-            refs = [r for j in jobs for r in _datarefs(j.args)]
+            refs = [r for j in jobs for r in find(j.args, DataRef)]
             refs += [e.data for j in jobs for e in find_endpoints(j.args)]
             assert jobs and refs, (t.name, ds)
             assert {r.dataset for r in refs} == {ds}, (t.name, ds)

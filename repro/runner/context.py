@@ -102,19 +102,24 @@ class Endpoint:
         return config_hash(k)
 
 
-def find_endpoints(obj: Any) -> Iterator[Endpoint]:
-    """Every :class:`Endpoint` inside a job's arguments (dataclass fields, mappings, sequences)."""
-    if isinstance(obj, Endpoint):
+def find(obj: Any, kind: type) -> Iterator[Any]:
+    """Every instance of ``kind`` inside a job's arguments (dataclass fields, mappings, sequences)."""
+    if isinstance(obj, kind):
         yield obj
     elif is_dataclass(obj) and not isinstance(obj, type):
         for f in fields(obj):
-            yield from find_endpoints(getattr(obj, f.name))
+            yield from find(getattr(obj, f.name), kind)
     elif isinstance(obj, Mapping):
         for v in obj.values():
-            yield from find_endpoints(v)
+            yield from find(v, kind)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from find_endpoints(v)
+            yield from find(v, kind)
+
+
+def find_endpoints(obj: Any) -> Iterator[Endpoint]:
+    """Every :class:`Endpoint` a job declares in its arguments."""
+    return find(obj, Endpoint)
 
 
 # per-process memos: the loaded dataset by (name, folder, fingerprint), and its view on a device
