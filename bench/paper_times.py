@@ -60,15 +60,15 @@ def _step_time(e, k: int, dev: torch.device, steps: int) -> float:
         _sync(dev)
         return time.perf_counter() - t0
 
-    run(1)
-    return (run(1 + steps) - run(1)) / steps
+    run(1)  # warm-up
+    return max(run(1 + steps) - run(1), 0.0) / steps
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("targets", nargs="*")
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default="bench/PAPER_TIMES.md")
     args = p.parse_args()
     dev = pick_device(args.device)
