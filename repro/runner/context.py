@@ -125,6 +125,13 @@ def find_endpoints(obj: Any) -> Iterator[Endpoint]:
 # per-process memos: the loaded dataset by (name, folder, fingerprint), and its view on a device
 _DATA: dict[tuple, Dataset] = {}
 _VIEWS: dict[tuple, Dataset] = {}
+_MEMO_SIZE = 4  # a target may alternate between a few datasets (anokhin2020) or views (ainsworth2023-width)
+
+
+def _remember(memo: dict, key: tuple, value: Dataset) -> None:
+    while len(memo) >= _MEMO_SIZE:
+        memo.pop(next(iter(memo)))  # the oldest entry
+    memo[key] = value
 
 
 @dataclass(frozen=True)
@@ -154,13 +161,11 @@ class JobContext:
                     f"dataset {ref.dataset!r} (data dir {ref.data_dir}) changed while the run was going: content "
                     f"fingerprint {fp}, the run started with {ref.fingerprint}; re-run to start over on the new data"
                 )
-            _DATA.clear()  # keep one dataset in memory per process
-            _DATA[k] = d
+            _remember(_DATA, k, d)
         d = _DATA[k]
         dk = (k, view, self.device)
         if dk not in _VIEWS:
-            _VIEWS.clear()
-            _VIEWS[dk] = with_view(d, view).to(self.dev)
+            _remember(_VIEWS, dk, with_view(d, view).to(self.dev))
         return _VIEWS[dk]
 
     def endpoint(self, e: Endpoint) -> Params:

@@ -139,11 +139,6 @@ class _Clock:
         self.path.unlink(missing_ok=True)
 
 
-def _execute(executor, items: list[tuple[Any, Any]], ctx: JobContext, on_result) -> None:
-    for i, value in executor.imap(items, ctx):
-        on_result(i, value)
-
-
 def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
     """Run ``t`` as ``opts`` says and write its output set; returns the summary. Raises ``ValueError`` /
     ``OutputError`` / ``FileNotFoundError`` with a message for bad input, before any training."""
@@ -237,28 +232,25 @@ def _run_jobs(t: Target, jobs: list[Job], ctx: JobContext, executor, cache_dir: 
         log(f"  training {len(missing)} of {len(eps)} endpoints ({len(groups)} group(s)); "
             f"{len(eps) - len(missing)} cached")
         items = [(_train_group, TrainGroup(tuple(g))) for g in groups.values()]
-        _execute(executor, items, ctx, lambda i, v: clock.save())
+        for _ in executor.imap(items, ctx):
+            clock.save()
     elif eps:
         log(f"  all {len(eps)} endpoints cached")
     # 2. the jobs, each cached under its full key
     cache = JobCache(cache_dir / "jobs" / t.name, log)
     keys = [job_key(j, code, device.type) for j in jobs]
     results: list[Any] = [None] * len(jobs)
-    todo: dict[str, list[int]] = {}
-    for i, (j, k) in enumerate(zip(jobs, keys, strict=True)):
-        h = config_hash(k)
-        if h in todo:
-            todo[h].append(i)
-            continue
-        hit, value = cache.get(k, j.result_type)
-        if hit:
-            results[i] = value
-        else:
-            todo[h] = [i]
-    # a repeated key whose first copy was cached
+    groups: dict[str, list[int]] = {}  # key hash -> the jobs with that key (repeats run once)
     for i, k in enumerate(keys):
-        if results[i] is None and config_hash(k) not in todo:
-            results[i] = cache.get(k, jobs[i].result_type)[1]
+        groups.setdefault(config_hash(k), []).append(i)
+    todo: dict[str, list[int]] = {}
+    for h, idx in groups.items():
+        hit, value = cache.get(keys[idx[0]], jobs[idx[0]].result_type)
+        if hit:
+            for i in idx:
+                results[i] = value
+        else:
+            todo[h] = idx
     first = [idx[0] for idx in todo.values()]
     log(f"  {len(first)} of {len(jobs)} jobs to run on {executor!r}; {len(jobs) - len(first)} cached or repeated")
 
@@ -272,7 +264,8 @@ def _run_jobs(t: Target, jobs: list[Job], ctx: JobContext, executor, cache_dir: 
             results[j] = stored
         clock.save()
 
-    _execute(executor, [(jobs[i].fn, jobs[i].args) for i in first], ctx, on_result)
+    for n, value in executor.imap([(jobs[i].fn, jobs[i].args) for i in first], ctx):
+        on_result(n, value)
     if any(results[i] is None for i in first):
         raise RuntimeError(f"{executor!r} returned results for fewer than {len(first)} jobs")
     return {"total": len(jobs), "run": len(first), "cached": len(jobs) - len(first),
