@@ -9,6 +9,10 @@ For a path φ with φ(0) = θ₁, φ(1) = θ₂ evaluated on a grid t₀ = 0 < �
   Lower bound: ½ |v(θ₁) − v(θ₂)|, the gap of the worse endpoint itself.
 
 Every result records its definition, metric, split and grid size.
+
+A path with a NaN value (a point with NaN weights: ``evaluate_points`` reports NaN loss *and* NaN
+error for it) has barrier NaN, with ``t_max`` the first such t: never a finite number (an error
+barrier of 0.0 along a broken path would read as "connected").
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from . import validate
 from .bn import has_batchnorm, recompute_bn_stats_batched
 from .evaluate import evaluate_points
 from .params import combine_batch
@@ -63,29 +68,35 @@ def _check_grid(t: Tensor, v: Tensor) -> None:
 def barrier(
     values: Tensor, t: Tensor, kind: str = "max_chord", *, metric: str = "loss", split: str = "train"
 ) -> Barrier:
-    """Barrier of ``values`` [G] on grid ``t`` [G] by definition ``kind`` (see module docstring)."""
+    """Barrier of ``values`` [G] on grid ``t`` [G] by definition ``kind`` (see module docstring);
+    NaN if a value is NaN, with ``t_max`` the first such t."""
     values = torch.as_tensor(values, dtype=torch.float64)
     t = torch.as_tensor(t, dtype=torch.float64)
     _check_grid(t, values)
+    validate.choice("barrier kind", kind, BARRIER_KINDS)
+    bad = torch.isnan(values)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        return Barrier(float("nan"), float(t[i]), kind, metric, split, int(t.numel()))
     v0, v1 = values[0], values[-1]
     if kind == "max_chord":
         gap = values - ((1 - t) * v0 + t * v1)
-    elif kind == "mid":
-        gap = values - 0.5 * (v0 + v1)
     else:
-        raise ValueError(f"unknown barrier kind {kind!r}; known: {BARRIER_KINDS}")
+        gap = values - 0.5 * (v0 + v1)
     i = int(torch.argmax(gap))
     return Barrier(float(gap[i]), float(t[i]), kind, metric, split, int(t.numel()))
 
 
 def barrier_lower_bound(values: Tensor, kind: str) -> float:
-    """The least value ``barrier`` can return for these endpoint values (documented above)."""
+    """The least value ``barrier`` can return for these values (documented above; NaN if one is NaN,
+    as the barrier itself)."""
     values = torch.as_tensor(values, dtype=torch.float64)
+    validate.choice("barrier kind", kind, BARRIER_KINDS)
+    if bool(torch.isnan(values).any()):
+        return float("nan")
     if kind == "max_chord":
         return 0.0
-    if kind == "mid":
-        return float(0.5 * (values[0] - values[-1]).abs())
-    raise ValueError(f"unknown barrier kind {kind!r}; known: {BARRIER_KINDS}")
+    return float(0.5 * (values[0] - values[-1]).abs())
 
 
 @dataclass(frozen=True)
@@ -110,6 +121,7 @@ class PathEval:
 
 def linear_path(a: Mapping[str, Tensor], b: Mapping[str, Tensor], num_points: int) -> tuple[Tensor, dict]:
     """The grid t = linspace(0, 1, G) and the stacked points (1 − t) a + t b."""
+    num_points = validate.integer("num_points", num_points, minimum=2)
     t = torch.linspace(0, 1, num_points, dtype=torch.float64)
     coeffs = torch.stack([1 - t, t], dim=1)
     return t, combine_batch(coeffs, [a, b])
@@ -137,6 +149,7 @@ def evaluate_path(
     """
     if not splits:
         raise ValueError("splits is empty: give at least one (x, y) split to evaluate on")
+    recompute_bn = validate.flag("recompute_bn", recompute_bn)
     dev = eval_kwargs.get("device")
     if dev is not None:
         stacked = {k: v.to(dev) for k, v in stacked.items()}

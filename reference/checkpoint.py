@@ -11,6 +11,10 @@ Only types that ``torch.load(weights_only=True)`` rebuilds are written (dict/lis
 float, bool, None, tensors), so a checkpoint never needs an unsafe load; anything else is refused at
 save time with a ``TypeError`` naming the entry. Writes go through a temp file and ``os.replace``: an
 interrupted save leaves the previous file intact.
+
+When the stored ``model_config`` names a zoo model (``"name"`` in ``reference.models.MODELS``), loading
+builds that model (on the ``meta`` device: no memory, no random numbers drawn) and refuses weights
+whose keys or shapes differ from its ``state_dict``; other configs are stored and compared as data only.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .params import Params, check_finite
+from .models import MODELS, build_model
+from .params import Params, check_finite, is_float, key_mismatch
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -180,10 +185,11 @@ def save_checkpoint(
 ) -> None:
     """Write ``params`` and their configs to ``path`` atomically (format ``CHECKPOINT_FORMAT``).
 
-    ``params`` must map str keys to tensors and be finite (NaN/inf -> ``ValueError``); tensors are
-    stored on the CPU. ``model_config`` is what :func:`load_checkpoint` compares against the expected
-    architecture. Every value must be a type the ``weights_only`` loader accepts (``TypeError`` names
-    the offending entry otherwise). Arguments are not modified.
+    ``params`` must map str keys to tensors and be finite (NaN/inf -> ``ValueError``), and fit the zoo
+    model ``model_config`` names, if it names one (module docstring); tensors are stored on the CPU.
+    ``model_config`` is what :func:`load_checkpoint` compares against the expected architecture. Every
+    value must be a type the ``weights_only`` loader accepts (``TypeError`` names the offending entry
+    otherwise). Arguments are not modified.
     """
     if not isinstance(params, Mapping):
         raise TypeError(f"params must be a dict of tensors, got {type(params).__name__}")
@@ -198,6 +204,7 @@ def save_checkpoint(
     for name, value in (("train_config", train_config), ("extra", extra)):
         if value is not None and not isinstance(value, Mapping):
             raise TypeError(f"{name} must be a dict or None, got {type(value).__name__}")
+    _check_params_fit_config(f"refusing to save checkpoint {path}", params, model_config)
     payload = {
         "format": CHECKPOINT_FORMAT,
         "params": _plain(params, "params"),
@@ -239,6 +246,33 @@ def config_differences(found: Mapping[str, Any], expected: Mapping[str, Any]) ->
     return diffs
 
 
+def _check_params_fit_config(what: str, params: Mapping[str, Tensor], model_config: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` (starting with ``what``) unless ``params`` has the keys and shapes of the zoo
+    model ``model_config`` builds (nothing to check for a config that names no zoo model)."""
+    name = model_config.get("name")
+    if not isinstance(name, str) or name not in MODELS:
+        return
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            expected = build_model(dict(model_config)).state_dict()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what}: its model config does not build a {name!r} model ({e})") from e
+    diff = key_mismatch(expected, params)
+    if diff:
+        raise ValueError(f"{what}: its weights do not fit the {name!r} model of its config: {diff}")
+    for k, want in expected.items():
+        got = params[k]
+        if tuple(got.shape) != tuple(want.shape):
+            raise ValueError(
+                f"{what}: key {k!r} has shape {tuple(got.shape)}, the {name!r} model of its config "
+                f"has {tuple(want.shape)}"
+            )
+        if is_float(got) != is_float(want):
+            raise ValueError(
+                f"{what}: key {k!r} has dtype {got.dtype}, the {name!r} model of its config has {want.dtype}"
+            )
+
+
 def load_checkpoint(
     path: str | Path,
     expected_model_config: Mapping[str, Any] | None = None,
@@ -248,8 +282,10 @@ def load_checkpoint(
     """Read a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
 
     Raises ``FileNotFoundError`` for a missing file and ``ValueError`` naming the path for a corrupt,
-    truncated or unsafe file, a file without the ``CHECKPOINT_FORMAT`` marker, non-finite weights, or a
-    ``model_config`` that differs from ``expected_model_config`` (each differing field named).
+    truncated or unsafe file, a file without the ``CHECKPOINT_FORMAT`` marker, non-finite weights, a
+    ``model_config`` that differs from ``expected_model_config`` (each differing field named), or weights
+    whose keys or shapes differ from the zoo model the stored ``model_config`` builds (the key and both
+    shapes named; module docstring).
     """
     path = Path(path)
     obj = safe_torch_load(path, map_location=map_location)
@@ -280,6 +316,7 @@ def load_checkpoint(
             arch = model_config.get("arch", model_config.get("name"))
             what = f" is for {arch!s}" if arch is not None else ""
             raise ValueError(f"checkpoint {path}{what} with a different model config: " + "; ".join(diffs))
+    _check_params_fit_config(f"checkpoint {path}", params, model_config)
     return Checkpoint(
         params=dict(params),
         model_config=model_config,

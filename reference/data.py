@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import validate
+
 __all__ = [
     "CIFAR10_FILES",
     "DATASETS",
@@ -103,8 +105,7 @@ class Dataset:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
-        if self.num_classes < 1:
-            raise ValueError(f"dataset {self.name!r}: num_classes must be >= 1, got {self.num_classes}")
+        validate.integer(f"dataset {self.name!r}: num_classes", self.num_classes)
         for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
             if not isinstance(x, Tensor) or not isinstance(y, Tensor):
                 raise TypeError(f"dataset {self.name!r}: {split} inputs and labels must be torch tensors")
@@ -162,9 +163,8 @@ class Dataset:
         The loaders' splits are already in a shuffled order, so this is a random subset fixed by the
         loader's seed; used for ``--quick`` runs.
         """
-        for what, n in (("num_train", num_train), ("num_test", num_test)):
-            if n is not None and n < 0:
-                raise ValueError(f"{what} must be >= 0, got {n}")
+        num_train = validate.optional_integer("num_train", num_train, minimum=0)
+        num_test = validate.optional_integer("num_test", num_test, minimum=0)
         ntr = self.num_train if num_train is None else min(num_train, self.num_train)
         nte = self.num_test if num_test is None else min(num_test, self.num_test)
         info = dict(self.info)
@@ -188,10 +188,9 @@ def batches(
     One call is one epoch. With ``generator=None`` the order is ``0, 1, ..., n-1`` (evaluation).
     The last batch is smaller when ``batch_size`` does not divide ``n``, unless ``drop_last``.
     """
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = validate.integer("n", n, minimum=0)
+    batch_size = validate.integer("batch_size", batch_size)
+    drop_last = validate.flag("drop_last", drop_last)
     order = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
     stop = n - n % batch_size if drop_last else n
     for start in range(0, stop, batch_size):
@@ -253,6 +252,14 @@ def _unit_float(pixels: np.ndarray) -> np.ndarray:
     return x
 
 
+def _dataset(name: str, x_tr: np.ndarray, x_te: np.ndarray, y_tr: np.ndarray, y_te: np.ndarray,
+             info: dict) -> Dataset:
+    """The standardised splits as a ``Dataset`` of float32 inputs and int64 labels (10 classes)."""
+    xtr, xte, ytr, yte = _as_tensors(x_tr, x_te, y_tr, y_te)
+    return Dataset(name=name, x_train=xtr, y_train=ytr, x_test=xte, y_test=yte, num_classes=10,
+                   input_shape=tuple(int(d) for d in x_tr.shape[1:]), info=info)
+
+
 def _as_tensors(*arrays: np.ndarray) -> list[Tensor]:
     out = []
     for a in arrays:
@@ -275,8 +282,10 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     per-pixel standardisation with the training split's mean and std, std floored at
     ``DIGITS_STD_FLOOR`` = 1 intensity level (the raw pixels take values 0..16).
     """
+    validate.number("test_fraction", test_fraction)
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    validate.integer("seed", seed, minimum=0)
     from sklearn.datasets import load_digits as _sk_load_digits
     from sklearn.model_selection import train_test_split
 
@@ -285,23 +294,9 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
         x, y, test_size=test_fraction, stratify=y, random_state=seed, shuffle=True
     )
     x_tr, x_te, stats = _standardise_features(x_tr, x_te, DIGITS_STD_FLOOR)
-    xtr, xte, ytr, yte = _as_tensors(x_tr, x_te, y_tr, y_te)
-    return Dataset(
-        name="digits",
-        x_train=xtr,
-        y_train=ytr,
-        x_test=xte,
-        y_test=yte,
-        num_classes=10,
-        input_shape=(64,),
-        info={
-            "source": "sklearn.datasets.load_digits",
-            "split": "stratified",
-            "test_fraction": test_fraction,
-            "seed": seed,
-            **stats,
-        },
-    )
+    info = {"source": "sklearn.datasets.load_digits", "split": "stratified", "test_fraction": test_fraction,
+            "seed": seed, **stats}
+    return _dataset("digits", x_tr, x_te, y_tr, y_te, info)
 
 
 def load_mnist1d(num_samples: int = 5000, seed: int = 42, train_split: float = 0.8) -> Dataset:
@@ -313,8 +308,11 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42, train_split: float = 0
     global ``random`` and ``numpy`` generators; their states are restored afterwards so loading does not
     perturb other code. Standardised per feature with the training split's statistics.
     """
+    validate.integer("num_samples", num_samples, minimum=None)
     if num_samples < 10:
         raise ValueError(f"num_samples must be >= 10 (one per class), got {num_samples}")
+    validate.integer("seed", seed, minimum=0)
+    validate.number("train_split", train_split)
     if not 0.0 < train_split < 1.0:
         raise ValueError(f"train_split must be in (0, 1), got {train_split}")
     from mnist1d.data import get_dataset_args, make_dataset
@@ -337,23 +335,9 @@ def load_mnist1d(num_samples: int = 5000, seed: int = 42, train_split: float = 0
             f"({x_tr.shape[0]} train, {x_te.shape[0]} test)"
         )
     x_tr, x_te, stats = _standardise_features(x_tr, x_te, MNIST1D_STD_FLOOR)
-    xtr, xte, ytr, yte = _as_tensors(x_tr, x_te, np.asarray(raw["y"]), np.asarray(raw["y_test"]))
-    return Dataset(
-        name="mnist1d",
-        x_train=xtr,
-        y_train=ytr,
-        x_test=xte,
-        y_test=yte,
-        num_classes=10,
-        input_shape=(int(x_tr.shape[1]),),
-        info={
-            "source": "mnist1d.data.make_dataset (generated locally)",
-            "num_samples": int(num_samples),
-            "seed": int(seed),
-            "train_split": float(train_split),
-            **stats,
-        },
-    )
+    info = {"source": "mnist1d.data.make_dataset (generated locally)", "num_samples": int(num_samples),
+            "seed": int(seed), "train_split": float(train_split), **stats}
+    return _dataset("mnist1d", x_tr, x_te, np.asarray(raw["y"]), np.asarray(raw["y_test"]), info)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -486,17 +470,7 @@ def load_mnist(data_dir: str | Path) -> Dataset:
     x_tr = _unit_float(x_tr)[:, None]
     x_te = _unit_float(x_te)[:, None]
     x_tr, x_te, stats = _standardise_channels_(x_tr, x_te, channel_axis=1)
-    xtr, xte, ytr, yte = _as_tensors(x_tr, x_te, y_tr, y_te)
-    return Dataset(
-        name="mnist",
-        x_train=xtr,
-        y_train=ytr,
-        x_test=xte,
-        y_test=yte,
-        num_classes=10,
-        input_shape=tuple(x_tr.shape[1:]),
-        info={"source": str(paths["train_images"].parent), **stats},
-    )
+    return _dataset("mnist", x_tr, x_te, y_tr, y_te, {"source": str(paths["train_images"].parent), **stats})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -637,17 +611,7 @@ def load_cifar10(data_dir: str | Path) -> Dataset:
     x_te = _unit_float(x_te_u8.reshape(-1, 3, 32, 32))
     del x_tr_u8, x_te_u8
     x_tr, x_te, stats = _standardise_channels_(x_tr, x_te, channel_axis=1)
-    xtr, xte, ytr, yte = _as_tensors(x_tr, x_te, y_tr, y_te)
-    return Dataset(
-        name="cifar10",
-        x_train=xtr,
-        y_train=ytr,
-        x_test=xte,
-        y_test=yte,
-        num_classes=10,
-        input_shape=(3, 32, 32),
-        info={"source": str(folder), **stats},
-    )
+    return _dataset("cifar10", x_tr, x_te, y_tr, y_te, {"source": str(folder), **stats})
 
 
 # ----------------------------------------------------------------------------------------------------------

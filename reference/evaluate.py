@@ -13,6 +13,11 @@ Metrics, all on probabilities ``[N, C]`` (or ``[K, N, C]`` for K points):
 - AUROC, one-vs-rest macro average (as ``sklearn.metrics.roc_auc_score(multi_class="ovr")``),
   computed with the Mann–Whitney rank statistic, ties averaged;
 - ensemble metrics of the members' averaged probabilities.
+
+Non-finite points: a point whose logits hold a NaN or an infinity on any input (NaN weights, an
+overflow) has NaN loss *and* NaN error (so NaN accuracy); ``argmax`` would otherwise pick a class and
+report a finite error rate for a broken point (and an error barrier of 0.0 along a broken path). Each
+metric of a probability matrix holding a non-finite value is NaN likewise.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+
+from . import validate
 
 __all__ = [
     "PointMetrics",
@@ -47,13 +54,6 @@ def default_chunk_size(device: torch.device | str) -> int:
     return _CHUNK.get(torch.device(device).type, 8)
 
 
-def _leading(stacked: Mapping[str, Tensor]) -> int:
-    sizes = {v.shape[0] for v in stacked.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"stacked params have inconsistent leading sizes {sorted(sizes)}")
-    return sizes.pop()
-
-
 def _chunked_logits(
     model: nn.Module,
     stacked: Mapping[str, Tensor],
@@ -65,8 +65,11 @@ def _chunked_logits(
 ) -> Iterator[tuple[int, int, int, Tensor]]:
     """Yield ``(first point, points in chunk, first input, logits [k, B, C])`` over chunks of points
     and batches of inputs: one ``vmap(functional_call)`` call each, all points in the same mode."""
+    K = validate.leading_size(stacked)
+    chunk_size = validate.optional_integer("chunk_size", chunk_size)
+    batch_size = validate.integer("batch_size", batch_size)
+    train_mode = validate.flag("train_mode", train_mode)
     dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
-    K = _leading(stacked)
     chunk = chunk_size or default_chunk_size(dev)
     was_training = model.training
     model.train(train_mode)
@@ -132,17 +135,22 @@ def evaluate_points(
 ) -> PointMetrics:
     """Mean cross-entropy and error of each of K stacked points on ``(x, y)``.
 
-    Reduces per data batch, so memory is O(chunk · batch) whatever N is.
+    Reduces per data batch, so memory is O(chunk · batch) whatever N is. A point with a non-finite
+    logit on any input gets NaN loss and NaN error (module docstring).
     """
-    K = _leading(stacked)
+    K = validate.leading_size(stacked)
     loss = torch.zeros(K, dtype=torch.float64)
     wrong = torch.zeros(K, dtype=torch.float64)
+    broken = torch.zeros(K, dtype=torch.bool)
     N = x.shape[0]
     for s, k, b, logits in _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device):
         yb = y[b : b + batch_size].to(logits.device)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), yb.repeat(k), reduction="none")
         loss[s : s + k] += ce.view(k, -1).sum(1).double().cpu()
         wrong[s : s + k] += (logits.argmax(-1) != yb).sum(1).double().cpu()
+        broken[s : s + k] |= ~torch.isfinite(logits).reshape(k, -1).all(1).cpu()
+    nan = torch.tensor(float("nan"), dtype=torch.float64)
+    loss, wrong = torch.where(broken, nan, loss), torch.where(broken, nan, wrong)
     return PointMetrics(loss=(loss / N).float(), error=(wrong / N).float())
 
 
@@ -150,28 +158,36 @@ def evaluate_points(
 # metrics on probabilities
 
 
-def _check_probs(probs: Tensor, y: Tensor) -> None:
+def _check_probs(probs: Tensor, y: Tensor) -> bool:
+    """Raise for shapes that do not fit; ``True`` if every probability is finite (else metrics are NaN)."""
     if probs.ndim != 2:
         raise ValueError(f"probabilities must be [N, C], got shape {tuple(probs.shape)}")
     if y.ndim != 1 or y.shape[0] != probs.shape[0]:
         raise ValueError(f"labels of shape {tuple(y.shape)} do not match probabilities {tuple(probs.shape)}")
+    return bool(torch.isfinite(probs).all())
 
 
 def nll(probs: Tensor, y: Tensor, eps: float = 1e-12) -> float:
     """Negative log-likelihood −mean log p(yᵢ|xᵢ) (= cross-entropy of probabilities)."""
-    _check_probs(probs, y)
+    eps = validate.number("eps", eps, positive=True)
+    if not _check_probs(probs, y):
+        return float("nan")
     p = probs.double().gather(1, y.long().view(-1, 1)).clamp_min(eps)
     return float(-p.log().mean())
 
 
 def accuracy(probs: Tensor, y: Tensor) -> float:
-    _check_probs(probs, y)
+    """Fraction of ``argmax`` predictions equal to ``y`` (NaN if a probability is not finite)."""
+    if not _check_probs(probs, y):
+        return float("nan")
     return float((probs.argmax(1) == y).double().mean())
 
 
 def ece(probs: Tensor, y: Tensor, n_bins: int = 15) -> float:
     """Expected calibration error: Σ_b |B_b|/N · |acc(B_b) − conf(B_b)|, equal-width bins on (0, 1]."""
-    _check_probs(probs, y)
+    n_bins = validate.integer("n_bins", n_bins)
+    if not _check_probs(probs, y):
+        return float("nan")
     conf, pred = probs.double().max(1)
     correct = (pred == y).double()
     # bin b holds conf in (b/n, (b+1)/n]
@@ -201,18 +217,21 @@ def _binary_auc(score: Tensor, pos: Tensor) -> float:
 
 def auroc_ovr(probs: Tensor, y: Tensor) -> float:
     """One-vs-rest macro AUROC over the classes present in ``y``."""
-    _check_probs(probs, y)
+    finite = _check_probs(probs, y)
     probs = probs.double().cpu()
     y = y.cpu()
     classes = torch.unique(y).tolist()
     if len(classes) < 2:
         raise ValueError("AUROC needs at least two classes in y")
+    if not finite:
+        return float("nan")
     aucs = [_binary_auc(probs[:, c], y == c) for c in classes]
     return float(sum(aucs) / len(aucs))
 
 
 def all_metrics(probs: Tensor, y: Tensor, n_bins: int = 15) -> dict[str, float]:
-    """CE (NLL), accuracy, error, ECE and AUROC of one probability matrix ``[N, C]``."""
+    """CE (NLL), accuracy, error, ECE and AUROC of one probability matrix ``[N, C]`` (all NaN if a
+    probability is not finite)."""
     acc = accuracy(probs, y)
     return {
         "nll": nll(probs, y),

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
 
+from . import validate
 from .curves import Curve
 from .params import Params, check_compatible, flatten, float_keys
 from .train import module_mode
@@ -189,9 +190,9 @@ class LossHessian:
         if vs.ndim != 2 or vs.shape[1] != self.dim:
             raise ValueError(f"vs must be [k, {self.dim}], got {tuple(vs.shape)}")
         vs = vs.to(device=self.theta.device, dtype=self.dtype)
-        c = vs.shape[0] if chunk is None else int(chunk)
+        c = vs.shape[0] if chunk is None else validate.integer("chunk", chunk)
         if c < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk!r}")
+            raise ValueError(f"vs must hold at least one row, got shape {tuple(vs.shape)}")
         th = self.theta
 
         def many(f: ScalarFn, block: Tensor) -> Tensor:
@@ -267,9 +268,7 @@ def loss_hessian(
         raise ValueError(f"differentiated entries must share one dtype, got {sorted(map(str, dtypes))}")
     if x.ndim < 1 or y.ndim != 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
         raise ValueError(f"x {tuple(x.shape)} and y {tuple(y.shape)} must hold the same number (> 0) of examples")
-    bs = x.shape[0] if batch_size is None else int(batch_size)
-    if bs < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    bs = x.shape[0] if batch_size is None else validate.integer("batch_size", batch_size)
     (dt,) = dtypes
     dev = params[keys[0]].device
     held = {k: v.detach() for k, v in params.items()}
@@ -299,10 +298,10 @@ def top_eigenvalues(
     """
     from scipy.sparse.linalg import ArpackError, eigsh
 
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < H.dim:
-        raise ValueError(f"k must be an int in [1, {H.dim - 1}], got {k!r}")
-    if which not in ("LA", "LM", "SA"):
-        raise ValueError(f"which must be 'LA', 'LM' or 'SA', got {which!r}")
+    k = validate.integer("k", k, minimum=1, maximum=H.dim - 1)
+    validate.choice("which", which, ("LA", "LM", "SA"))
+    tol = validate.number("tol", tol, minimum=0.0)
+    maxiter = validate.optional_integer("maxiter", maxiter)
     v0 = np.random.default_rng(seed).standard_normal(H.dim)
     try:
         vals, vecs = eigsh(H.linear_operator(), k=k, which=which, tol=tol, v0=v0, maxiter=maxiter)
@@ -331,8 +330,8 @@ def _rademacher(n: int, d: int, seed: int, dtype: torch.dtype, device: torch.dev
 
 def hutchinson_trace(H: LossHessian, samples: int = 100, *, seed: int = 0, chunk: int = 32) -> TraceEstimate:
     """tr H = E_z[zᵀHz], z Rademacher (Hutchinson 1990); ``samples`` draws, ``chunk`` HVPs per call."""
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
-        raise ValueError(f"samples must be an int >= 2, got {samples!r}")
+    samples = validate.integer("samples", samples, minimum=2)
+    seed = validate.integer("seed", seed, minimum=None)
     z = _rademacher(samples, H.dim, seed, H.dtype, H.theta.device)
     q = (z * H.hvp_many(z, chunk=chunk)).sum(1).double().cpu()
     return TraceEstimate(float(q.mean()), float(q.std(unbiased=True) / math.sqrt(samples)), q)
@@ -350,8 +349,7 @@ def lanczos(matmat: Callable[[Tensor], Tensor], v0: Tensor, steps: int) -> tuple
     if v0.ndim != 2:
         raise ValueError(f"v0 must be [p, d], got {tuple(v0.shape)}")
     p, d = v0.shape
-    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= d:
-        raise ValueError(f"steps must be an int in [1, {d}], got {steps!r}")
+    steps = validate.integer("steps", steps, minimum=1, maximum=d)
     q = v0.double()
     norms = q.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
@@ -405,8 +403,7 @@ class SpectralDensity:
 
     def density(self, grid: Tensor, sigma: float) -> Tensor:
         """Gaussian-broadened density on ``grid``: mean_probes Σᵢ τᵢ N(λ; λ̃ᵢ, σ²) (integrates to 1)."""
-        if not sigma > 0:
-            raise ValueError(f"sigma must be > 0, got {sigma!r}")
+        sigma = validate.number("sigma", sigma, positive=True)
         g = grid.double().reshape(1, 1, -1)
         k = torch.exp(-0.5 * ((g - self.nodes.unsqueeze(-1)) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
         return (self.weights.unsqueeze(-1) * k).sum(1).mean(0)
@@ -415,8 +412,8 @@ class SpectralDensity:
 def slq(H: LossHessian, probes: int = 8, steps: int = 80, *, seed: int = 0) -> SpectralDensity:
     """Stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ghorbani et al. 2019): ``probes``
     Rademacher start vectors, ``steps`` Lanczos steps each (all probes advanced together)."""
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes must be an int >= 1, got {probes!r}")
+    probes = validate.integer("probes", probes)
+    seed = validate.integer("seed", seed, minimum=None)
     v0 = _rademacher(probes, H.dim, seed, H.dtype, H.theta.device)
     alpha, beta = lanczos(H.hvp_many, v0, steps)
     T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
@@ -426,8 +423,7 @@ def slq(H: LossHessian, probes: int = 8, steps: int = 80, *, seed: int = 0) -> S
 
 def count_near_zero(eigenvalues: Tensor, rel_tol: float) -> int:
     """#{j : |λⱼ| ≤ rel_tol · max |λ|}: the numerical dimension of the near-flat subspace."""
-    if not rel_tol > 0:
-        raise ValueError(f"rel_tol must be > 0, got {rel_tol!r}")
+    rel_tol = validate.number("rel_tol", rel_tol, positive=True)
     e = eigenvalues.double()
     return int((e.abs() <= rel_tol * e.abs().max()).sum())
 
@@ -456,8 +452,7 @@ def curve_directions(
     """
     if not isinstance(curve, Curve):
         raise TypeError(f"curve must be a Curve, got {type(curve).__name__}")
-    if not 0 < h < 0.5:
-        raise ValueError(f"h must be in (0, 0.5), got {h!r}")
+    h = validate.number("h", h, positive=True, below=0.5)
     t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)
     ks = float_keys(curve.start) if keys is None else list(keys)
     check_compatible(curve.start, curve.end)

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import validate
 from .params import Params
 
 __all__ = [
@@ -52,32 +53,15 @@ NORMS: tuple[str | None, ...] = (None, "batch", "layer", "group")
 
 
 # --------------------------------------------------------------------------------------------
-# validation helpers (user input: ValueError / TypeError, never assert)
+# argument checks (reference/validate.py: ValueError / TypeError, never assert)
 # --------------------------------------------------------------------------------------------
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
-def _int_list(name: str, values: Any) -> list[int]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise TypeError(f"{name} must be a sequence of ints, got {values!r}")
-    return [_positive_int(f"{name}[{i}]", v) for i, v in enumerate(values)]
-
-
 def _check_norm(norm: Any, groups: Any, allowed: Sequence[str | None] = NORMS) -> tuple[str | None, int]:
-    if norm not in allowed:
-        raise ValueError(f"unknown norm {norm!r}; choose one of {list(allowed)}")
-    return norm, _positive_int("groups", groups)
+    return validate.choice("norm", norm, allowed), validate.integer("groups", groups)
 
 
 def _check_dims(dims: Any) -> int:
-    if dims not in (1, 2) or isinstance(dims, bool):
-        raise ValueError(f"dims must be 1 or 2, got {dims!r}")
-    return int(dims)
+    """1 (``[B, C, L]`` inputs) or 2 (``[B, C, H, W]``)."""
+    return validate.integer("dims", dims, minimum=1, maximum=2)
 
 
 # --------------------------------------------------------------------------------------------
@@ -92,7 +76,7 @@ class ChannelLayerNorm(nn.Module):
 
     def __init__(self, num_channels: int, eps: float = 1e-5):
         super().__init__()
-        self.num_channels = _positive_int("num_channels", num_channels)
+        self.num_channels = validate.integer("num_channels", num_channels)
         self.ln = nn.LayerNorm(num_channels, eps=eps)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -112,7 +96,7 @@ def make_norm(norm: str | None, channels: int, dims: int = 2, groups: int = 2) -
     """
     norm, groups = _check_norm(norm, groups)
     dims = _check_dims(dims)
-    channels = _positive_int("channels", channels)
+    channels = validate.integer("channels", channels)
     if norm is None:
         return nn.Identity()
     if norm == "batch":
@@ -153,12 +137,11 @@ class MLP(nn.Module):
         self, in_features: int, widths: Sequence[int], num_classes: int, bias: bool = True, norm: str | None = None
     ):
         super().__init__()
-        in_features = _positive_int("in_features", in_features)
-        widths = _int_list("widths", widths)
-        num_classes = _positive_int("num_classes", num_classes)
-        if norm not in (None, "layer"):
-            raise ValueError(f"MLP norm must be None or 'layer', got {norm!r}")
-        bias = bool(bias)
+        in_features = validate.integer("in_features", in_features)
+        widths = validate.integers("widths", widths)
+        num_classes = validate.integer("num_classes", num_classes)
+        validate.choice("MLP norm", norm, (None, "layer"))
+        bias = validate.flag("bias", bias)
         self.config: dict[str, Any] = {
             "name": "mlp",
             "in_features": in_features,
@@ -228,18 +211,18 @@ class VGG(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        in_channels = _positive_int("in_channels", in_channels)
-        num_classes = _positive_int("num_classes", num_classes)
+        in_channels = validate.integer("in_channels", in_channels)
+        num_classes = validate.integer("num_classes", num_classes)
         norm, groups = _check_norm(norm, groups)
         dims = _check_dims(dims)
         if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
-            raise TypeError(f"channels must be a sequence of ints and 'M', got {channels!r}")
+            raise validate.ArgumentTypeError(f"channels must be a sequence of ints and 'M', got {channels!r}")
         entries: list[int | str] = []
         for i, c in enumerate(channels):
-            entries.append(c if c == "M" else _positive_int(f"channels[{i}]", c))
+            entries.append(c if c == "M" else validate.integer(f"channels[{i}]", c))
         if not any(c != "M" for c in entries):
             raise ValueError(f"channels must contain at least one conv width, got {list(channels)}")
-        bias = bool(bias)
+        bias = validate.flag("bias", bias)
         self.config: dict[str, Any] = {
             "name": "vgg",
             "in_channels": in_channels,
@@ -286,16 +269,16 @@ class CNN1D(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        in_channels = _positive_int("in_channels", in_channels)
-        channels = _int_list("channels", channels)
+        in_channels = validate.integer("in_channels", in_channels)
+        channels = validate.integers("channels", channels)
         if not channels:
             raise ValueError("channels must name at least one conv layer")
-        num_classes = _positive_int("num_classes", num_classes)
-        kernel_size = _positive_int("kernel_size", kernel_size)
+        num_classes = validate.integer("num_classes", num_classes)
+        kernel_size = validate.integer("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (same padding), got {kernel_size}")
         norm, groups = _check_norm(norm, groups)
-        bias = bool(bias)
+        bias = validate.flag("bias", bias)
         self.config: dict[str, Any] = {
             "name": "cnn1d",
             "in_channels": in_channels,
@@ -377,13 +360,13 @@ class ResNet(nn.Module):
         base: int = 16,
     ):
         super().__init__()
-        in_channels = _positive_int("in_channels", in_channels)
-        num_classes = _positive_int("num_classes", num_classes)
-        depth = _positive_int("depth", depth)
+        in_channels = validate.integer("in_channels", in_channels)
+        num_classes = validate.integer("num_classes", num_classes)
+        depth = validate.integer("depth", depth)
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth}")
-        width = _positive_int("width", width)
-        base = _positive_int("base", base)
+        width = validate.integer("width", width)
+        base = validate.integer("base", base)
         norm, groups = _check_norm(norm, groups)
         dims = _check_dims(dims)
         self.config: dict[str, Any] = {
@@ -462,8 +445,7 @@ def init_params(model: nn.Module, seed: int) -> Params:
     re-initialised). The numbers are drawn on the CPU (the same on every device) and returned under
     ``state_dict`` keys on ``model``'s devices, in its dtypes.
     """
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = validate.integer("seed", seed, minimum=None)
     devices = {k: v.device for k, v in model.state_dict().items()}
     fresh = copy.deepcopy(model).cpu()  # CPU generator: the same numbers on every device
     missed = [

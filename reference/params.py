@@ -16,7 +16,12 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from . import validate
+
 Params = dict[str, Tensor]
+
+#: How ``combine`` treats integer buffers: take them from the first point, or require all to agree.
+INT_POLICIES = ("first", "equal")
 
 __all__ = [
     "Params",
@@ -52,18 +57,14 @@ def check_compatible(*points: Mapping[str, Tensor], batch_dims: int = 0) -> None
 
     ``batch_dims`` leading dimensions are ignored in the shape comparison (stacked points).
     """
+    batch_dims = validate.integer("batch_dims", batch_dims, minimum=0)
     if not points:
         raise ValueError("need at least one parameter point")
     ref = points[0]
     for i, p in enumerate(points[1:], start=1):
-        missing = sorted(set(ref) - set(p))
-        extra = sorted(set(p) - set(ref))
-        if missing or extra:
-            raise ValueError(
-                f"parameter point {i} has different keys than point 0: "
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                f"unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-            )
+        diff = key_mismatch(sorted(ref), sorted(p))
+        if diff:
+            raise ValueError(f"parameter point {i} has different keys than point 0: {diff}")
         for k, v in ref.items():
             w = p[k]
             if tuple(v.shape[batch_dims:]) != tuple(w.shape[batch_dims:]):
@@ -95,6 +96,7 @@ def combine(
     int_policy: str = "first",
 ) -> Params:
     """Σᵢ kᵢ θᵢ over the floating tensors; integer buffers by ``int_policy`` ("first" or "equal")."""
+    validate.choice("int_policy", int_policy, INT_POLICIES)
     points = list(points)
     check_compatible(*points)
     c = _coeff_list(coeffs, len(points))
@@ -110,8 +112,6 @@ def combine(
                 for i, p in enumerate(points[1:], start=1):
                     if not torch.equal(p[k], v0):
                         raise ValueError(f"integer buffer {k!r} differs between point 0 and point {i}")
-            elif int_policy != "first":
-                raise ValueError(f"unknown int_policy {int_policy!r}; use 'first' or 'equal'")
             out[k] = v0.clone()
     return out
 
@@ -151,10 +151,8 @@ def stack(points: Sequence[Mapping[str, Tensor]]) -> Params:
 
 
 def unstack(stacked: Mapping[str, Tensor]) -> list[Params]:
-    sizes = {v.shape[0] for v in stacked.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"stacked params have inconsistent leading sizes {sorted(sizes)}")
-    (K,) = sizes
+    """Inverse of ``stack``: the K points of a stacked ``Params`` (one leading size K on every entry)."""
+    K = validate.leading_size(stacked, "stacked params")
     return [{k: v[i] for k, v in stacked.items()} for i in range(K)]
 
 
@@ -204,3 +202,29 @@ def to(params: Mapping[str, Tensor], device=None, dtype: torch.dtype | None = No
 
 def clone(params: Mapping[str, Tensor]) -> Params:
     return {k: v.detach().clone() for k, v in params.items()}
+
+
+def chosen_float_keys(p: Mapping[str, Tensor], keys: Sequence[str] | None, use: str) -> list[str]:
+    """``keys`` (default: every floating entry of ``p``), checked: non-empty, entries of ``p``, and
+    floating. ``use`` names what they are for in the message (e.g. "volume", "plane")."""
+    ks = float_keys(p) if keys is None else list(keys)
+    if not ks:
+        raise ValueError(f"no floating-point entries for the {use}")
+    for k in ks:
+        if k not in p:
+            raise ValueError(f"{use} key {k!r} is not an entry of the points")
+        if not is_float(p[k]):
+            raise ValueError(f"{use} key {k!r} is not a floating entry ({p[k].dtype})")
+    return ks
+
+
+def key_mismatch(expected: Iterable[str], got: Iterable[str]) -> str | None:
+    """``None`` if ``got`` holds exactly the keys ``expected``; otherwise the text
+    ``"missing keys [...], unexpected keys [...]"`` (at most five of each, in order) for an error."""
+    want, have = list(expected), list(got)
+    missing = [k for k in want if k not in set(have)]
+    extra = [k for k in have if k not in set(want)]
+    if not missing and not extra:
+        return None
+    more = lambda ks: "..." if len(ks) > 5 else ""  # noqa: E731
+    return f"missing keys {missing[:5]}{more(missing)}, unexpected keys {extra[:5]}{more(extra)}"

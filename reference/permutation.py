@@ -11,6 +11,10 @@ Composition follows function notation: ``(P ∘ Q)(θ) = P(Q(θ))``; its index f
 Some normalisations restrict the group: GroupNorm with ``g`` groups over ``C`` channels computes the
 same function only under permutations that map each contiguous block of ``C/g`` channels onto a
 block. Such a group carries ``blocks[group] = C/g``; random permutations and matching respect it.
+
+A ``Permutation`` made without a spec (``Permutation.load`` / ``from_json`` without one, or from a bare
+dict) is only checked to be a bijection per group; ``apply`` checks every group's length against the
+spec it is given, and its blocks against ``spec.blocks``, whichever way the permutation was made.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from . import validate
 from .params import Params
 
 __all__ = ["PermutationSpec", "Permutation"]
@@ -72,7 +77,8 @@ class PermutationSpec:
         for g, b in self.blocks.items():
             if g not in sizes:
                 raise ValueError(f"block size given for unknown group {g!r}")
-            if b < 1 or sizes[g][0] % b:
+            b = validate.integer(f"block size of group {g!r}", b)
+            if sizes[g][0] % b:
                 raise ValueError(f"group {g!r}: block size {b} does not divide its size {sizes[g][0]}")
 
     @classmethod
@@ -108,6 +114,7 @@ class PermutationSpec:
 
     def check_params(self, params: Mapping[str, Tensor], batch_dims: int = 0) -> None:
         """Raise ``ValueError`` if ``params`` is not a point of this architecture."""
+        batch_dims = validate.integer("batch_dims", batch_dims, minimum=0)
         missing = sorted(set(self.shapes) - set(params))
         extra = sorted(set(params) - set(self.shapes))
         if missing or extra:
@@ -143,7 +150,9 @@ def _check_index(group: str, idx: Tensor, n: int | None, block: int = 1) -> Tens
     if not isinstance(idx, Tensor):
         idx = torch.as_tensor(idx)
     if idx.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise TypeError(f"group {group!r}: permutation index must be an integer tensor, got {idx.dtype}")
+        raise validate.ArgumentTypeError(
+            f"group {group!r}: permutation index must be an integer tensor, got {idx.dtype}"
+        )
     idx = idx.to(torch.long)
     if idx.ndim != 1:
         raise ValueError(f"group {group!r}: permutation index must be 1-D, got shape {tuple(idx.shape)}")
@@ -157,11 +166,18 @@ def _check_index(group: str, idx: Tensor, n: int | None, block: int = 1) -> Tens
     if bool((counts != 1).any()):
         dup = torch.nonzero(counts > 1).flatten()[:5].tolist()
         raise ValueError(f"group {group!r}: not a bijection; values repeated: {dup}")
+    _check_blocks(group, idx, block)
+    return idx
+
+
+def _check_blocks(group: str, idx: Tensor, block: int) -> None:
+    """Raise ``ValueError`` unless the bijection ``idx`` maps blocks of ``block`` units onto blocks."""
     if block > 1:
+        if idx.numel() % block:
+            raise ValueError(f"group {group!r}: permutation of length {idx.numel()} has no blocks of {block}")
         blocks = idx.cpu().view(-1, block) // block
         if bool((blocks != blocks[:, :1]).any()):
             raise ValueError(f"group {group!r}: permutation does not map blocks of {block} channels onto blocks")
-    return idx
 
 
 class Permutation:
@@ -188,8 +204,10 @@ class Permutation:
 
     @classmethod
     def random(cls, spec: PermutationSpec, generator: torch.Generator | int | None = None) -> Permutation:
-        if isinstance(generator, int):
-            generator = torch.Generator().manual_seed(generator)
+        """A uniformly random permutation respecting ``spec.blocks``; ``generator``: a
+        ``torch.Generator``, an int seed, or ``None`` (torch's global generator)."""
+        if generator is not None:
+            generator = validate.generator(generator)
         out = {}
         for g, n in spec.sizes.items():
             b = spec.block(g)
@@ -255,12 +273,31 @@ class Permutation:
         return {g: int((v != torch.arange(len(v))).sum()) for g, v in self._p.items()}
 
     # --- action on parameters -------------------------------------------------------------
-    def apply(self, spec: PermutationSpec, params: Mapping[str, Tensor], batch_dims: int = 0) -> Params:
-        """P(θ) as a new dict; ``params`` is untouched. ``batch_dims`` leading dims are left alone."""
-        spec.check_params(params, batch_dims=batch_dims)
-        missing = sorted(set(spec.sizes) - set(self._p))
+    def check_fits(self, spec: PermutationSpec) -> None:
+        """Raise ``ValueError`` unless every group of ``spec`` has an index here of the group's size that
+        maps ``spec.blocks`` onto blocks (groups ``spec`` does not name are ignored).
+
+        ``Permutation(perms, spec)`` checks this on construction; a permutation made without a spec
+        (``load`` / ``from_json`` without one) is checked here, by ``apply``.
+        """
+        sizes = spec.sizes
+        missing = sorted(set(sizes) - set(self._p))
         if missing:
             raise ValueError(f"permutation lacks groups {missing} of the spec")
+        for g, n in sizes.items():
+            idx = self._p[g]
+            if idx.numel() != n:
+                raise ValueError(f"group {g!r}: permutation has length {idx.numel()}, the group has size {n}")
+            _check_blocks(g, idx, spec.block(g))
+
+    def apply(self, spec: PermutationSpec, params: Mapping[str, Tensor], batch_dims: int = 0) -> Params:
+        """P(θ) as a new dict; ``params`` is untouched. ``batch_dims`` leading dims are left alone.
+
+        Raises ``ValueError`` if ``params`` do not fit ``spec`` or this permutation does not
+        (``check_fits``: a group missing, of another length, or breaking a GroupNorm block).
+        """
+        spec.check_params(params, batch_dims=batch_dims)
+        self.check_fits(spec)
         out: Params = {}
         for k, v in params.items():
             w = v
@@ -294,7 +331,18 @@ class Permutation:
 
     @classmethod
     def from_json(cls, text: str, spec: PermutationSpec | None = None) -> Permutation:
-        return cls({g: torch.tensor(v, dtype=torch.long) for g, v in json.loads(text).items()}, spec)
+        """Inverse of ``to_json``: ``{group: [int, ...]}``; any other entry (``0.5``, ``true``, ``"1"``)
+        raises ``ValueError`` (it is never rounded)."""
+        obj = json.loads(text)
+        if not isinstance(obj, dict):
+            raise ValueError(f"a permutation in JSON is an object {{group: [indices]}}, got {type(obj).__name__}")
+        for g, v in obj.items():
+            if not isinstance(v, list):
+                raise ValueError(f"group {g!r}: permutation must be a list of integers, got {v!r:.80}")
+            bad = [i for i in v if type(i) is not int]
+            if bad:
+                raise ValueError(f"group {g!r}: permutation entries must be integers, got {bad[0]!r}")
+        return cls({g: torch.tensor(v, dtype=torch.long) for g, v in obj.items()}, spec)
 
 
 def permutable_keys(spec: PermutationSpec) -> list[str]:

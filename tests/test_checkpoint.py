@@ -272,3 +272,92 @@ def test_code_execution_refused_by_weights_only_load(tmp_path):
     with pytest.raises(ValueError, match=r"evil\.pt is corrupt, .*refused it \(.*GLOBAL (posix|nt)\.system"):
         load_checkpoint(path)
     assert not marker.exists()
+
+
+# --- weights are checked against the model the stored config builds ------------------------------
+
+ZOO = {"name": "mlp", "in_features": 4, "widths": [8, 6], "num_classes": 3, "bias": True}
+
+
+def zoo_params(seed: int = 0) -> dict[str, torch.Tensor]:
+    from reference.models import build_model, init_params
+
+    return init_params(build_model(dict(ZOO)), seed)
+
+
+def _write_raw(path: Path, params, model_config) -> None:
+    """A checkpoint file written without save_checkpoint's checks (an old or foreign writer)."""
+    atomic_torch_save({"format": CHECKPOINT_FORMAT, "params": params, "model_config": model_config}, path)
+
+
+def test_zoo_checkpoint_round_trip_is_checked_and_accepted(tmp_path):
+    params = zoo_params()
+    save_checkpoint(tmp_path / "ok.pt", params, model_config=ZOO)
+    ck = load_checkpoint(tmp_path / "ok.pt", expected_model_config=ZOO)
+    assert all(torch.equal(ck.params[k], v) for k, v in params.items())
+    from reference.models import build_model
+
+    res = {"name": "resnet", "in_channels": 1, "num_classes": 3, "depth": 8, "width": 1, "norm": "batch",
+           "groups": 2, "dims": 2, "base": 4}
+    p = build_model(res).state_dict()  # BatchNorm buffers, num_batches_tracked included
+    save_checkpoint(tmp_path / "res.pt", p, model_config=res)
+    assert set(load_checkpoint(tmp_path / "res.pt").params) == set(p)
+
+
+def test_load_refuses_weights_of_another_shape_than_the_config_builds(tmp_path):
+    path = tmp_path / "wide.pt"
+    params = zoo_params()
+    params["layers.1.weight"] = torch.randn(7, 8)  # the config says widths [8, 6]
+    _write_raw(path, params, ZOO)
+    with pytest.raises(
+        ValueError,
+        match=r"wide\.pt: key 'layers.1.weight' has shape \(7, 8\), the 'mlp' model of its config has \(6, 8\)",
+    ):
+        load_checkpoint(path)
+    with pytest.raises(ValueError, match=r"key 'layers.1.weight' has shape \(7, 8\)"):
+        load_checkpoint(path, expected_model_config=ZOO)  # the configs agree; the weights do not
+    with pytest.raises(ValueError, match=r"refusing to save checkpoint .*: key 'layers.1.weight' has shape \(7, 8\)"):
+        save_checkpoint(tmp_path / "never.pt", params, model_config=ZOO)
+    assert not (tmp_path / "never.pt").exists()
+
+
+def test_load_refuses_missing_unexpected_or_integer_keys(tmp_path):
+    path = tmp_path / "keys.pt"
+    params = zoo_params()
+    del params["head.bias"]
+    _write_raw(path, params, ZOO)
+    with pytest.raises(ValueError, match=r"do not fit the 'mlp' model of its config: missing keys \['head.bias'\]"):
+        load_checkpoint(path)
+    params = {**zoo_params(), "bn.num_batches_tracked": torch.tensor(3)}
+    _write_raw(path, params, ZOO)
+    with pytest.raises(ValueError, match=r"unexpected keys \['bn.num_batches_tracked'\]"):
+        load_checkpoint(path)
+    params = zoo_params()
+    params["head.bias"] = torch.zeros(3, dtype=torch.int64)
+    _write_raw(path, params, ZOO)
+    with pytest.raises(ValueError, match=r"key 'head.bias' has dtype torch.int64"):
+        load_checkpoint(path)
+
+
+def test_load_refuses_a_zoo_config_that_does_not_build(tmp_path):
+    path = tmp_path / "bad.pt"
+    _write_raw(path, zoo_params(), {**ZOO, "widths": [8, 0]})
+    with pytest.raises(ValueError, match=r"bad\.pt: its model config does not build a 'mlp' model .*widths\[1\]"):
+        load_checkpoint(path)
+
+
+def test_configs_outside_the_zoo_are_data_only(tmp_path):
+    for cfg in (MLP, {"name": "custom-net", "widths": [3]}, {"name": 3}):
+        save_checkpoint(tmp_path / "c.pt", mlp_params(), model_config=cfg)
+        assert set(load_checkpoint(tmp_path / "c.pt").params) == set(mlp_params())
+
+
+def test_checking_a_checkpoint_draws_no_random_numbers(tmp_path):
+    save_checkpoint(tmp_path / "ok.pt", zoo_params(), model_config=ZOO)
+    other = zoo_params(1)  # building a model outside the checks draws from the global generator
+    torch.manual_seed(11)
+    want = torch.rand(3)
+    torch.manual_seed(11)
+    load_checkpoint(tmp_path / "ok.pt")
+    save_checkpoint(tmp_path / "ok2.pt", other, model_config=ZOO)
+    assert torch.equal(torch.rand(3), want)

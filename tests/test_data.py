@@ -95,6 +95,14 @@ def test_digits_deterministic_per_seed():
 def test_digits_rejects_bad_fraction():
     with pytest.raises(ValueError, match="test_fraction must be in"):
         load_digits(test_fraction=1.5)
+    with pytest.raises(TypeError, match="test_fraction must be a number"):
+        load_digits(test_fraction="0.2")
+    with pytest.raises(ValueError, match="test_fraction must be a finite number"):
+        load_digits(test_fraction=float("nan"))
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        load_digits(seed=1.5)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        load_digits(seed=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,6 +165,12 @@ def test_mnist1d_rejects_bad_arguments():
         load_mnist1d(num_samples=100, train_split=1.0)
     with pytest.raises(ValueError, match="num_samples must be >= 10"):
         load_mnist1d(num_samples=5)
+    with pytest.raises(TypeError, match="num_samples must be an integer, got 300.0"):
+        load_mnist1d(num_samples=300.0)
+    with pytest.raises(TypeError, match="seed must be an integer, got True"):
+        load_mnist1d(num_samples=300, seed=True)
+    with pytest.raises(TypeError, match="train_split must be a number"):
+        load_mnist1d(num_samples=300, train_split=None)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -426,6 +440,11 @@ def test_dataset_validates_itself():
         Dataset(**_tiny(y_train=torch.tensor([0, 1, 2])))
     with pytest.raises(ValueError, match=r"y_train holds labels in \[0, 3\], expected \[0, 2\]"):
         Dataset(**_tiny(y_train=torch.tensor([0, 1, 3, 1])))
+    with pytest.raises(ValueError, match="dataset 't': num_classes must be an integer >= 1, got 0"):
+        zeros = torch.zeros(4, dtype=torch.long)
+        Dataset(**_tiny(num_classes=0, y_train=zeros, y_test=zeros[:2]))
+    with pytest.raises(TypeError, match="dataset 't': num_classes must be an integer, got 3.0"):
+        Dataset(**_tiny(num_classes=3.0))
 
 
 def test_dataset_describe_to_subset():
@@ -444,6 +463,11 @@ def test_dataset_describe_to_subset():
     assert (sub.num_train, sub.num_test) == (2, 2) and torch.equal(sub.y_train, ds.y_train[:2])
     assert sub.describe()["subset_of"] == {"num_train": 4, "num_test": 2}
     assert ds.num_train == 4, "subset does not modify the original"
+    assert ds.subset(num_train=0).num_train == 0 and ds.subset(num_test=10).num_test == 2
+    with pytest.raises(ValueError, match="num_test must be an integer >= 0, got -1"):
+        ds.subset(num_test=-1)
+    with pytest.raises(TypeError, match="num_train must be an integer, got 1.5"):
+        ds.subset(num_train=1.5)
 
 
 def test_batches_cover_each_index_once_and_are_reproducible():
@@ -459,8 +483,14 @@ def test_batches_cover_each_index_once_and_are_reproducible():
     assert [len(b) for b in batches(10, 3, g, drop_last=True)] == [3, 3, 3]
     assert torch.equal(torch.cat(list(batches(5, 2, None))), torch.arange(5))
     assert list(batches(0, 4, None)) == []
-    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
         next(batches(5, 0, None))
+    with pytest.raises(TypeError, match="batch_size must be an integer, got 2.5"):  # never truncated to 2
+        next(batches(5, 2.5, None))
+    with pytest.raises(ValueError, match="n must be an integer >= 0"):
+        next(batches(-1, 2, None))
+    with pytest.raises(TypeError, match="drop_last must be True or False"):
+        next(batches(5, 2, None, drop_last=1))
 
 
 def test_cifar10_reads_legacy_numpy_module_names(tmp_path):

@@ -151,3 +151,100 @@ def test_evaluate_path_recomputes_batchnorm_statistics_when_asked() -> None:
     assert not torch.allclose(got.curves["train"]["loss"], raw.curves["train"]["loss"])
     with pytest.raises(ValueError, match="splits is empty"):
         evaluate_path(model, t, pts, {})
+
+
+# --- non-finite points: NaN loss *and* NaN error, never a finite error rate ------------------------
+
+def _points_with_a_broken_one(bad: float):
+    """Three points of one MLP; the middle one has a non-finite weight (NaN or inf)."""
+    pts = [{k: v.detach().clone() for k, v in _mlp(s).state_dict().items()} for s in range(3)]
+    pts[1]["0.weight"][0, 0] = bad
+    return pts
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_point_with_non_finite_logits_has_nan_loss_and_error(bad):
+    model = _mlp(0)
+    pts = _points_with_a_broken_one(bad)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+    logits = predict_logits(model, stack(pts), x)
+    assert not bool(torch.isfinite(logits[1]).all())  # the case under test: argmax of these picks some class
+    m = evaluate_points(model, stack(pts), x, y, chunk_size=2, batch_size=16)
+    assert torch.isnan(m.loss[1]) and torch.isnan(m.error[1]) and torch.isnan(m.accuracy[1])
+    # the finite points are untouched (same numbers as evaluating them without the broken one)
+    ok = evaluate_points(model, stack([pts[0], pts[2]]), x, y, chunk_size=2, batch_size=16)
+    assert torch.equal(m.loss[[0, 2]], ok.loss) and torch.equal(m.error[[0, 2]], ok.error)
+    assert bool(torch.isfinite(ok.loss).all() and torch.isfinite(ok.error).all())
+
+
+def test_error_barrier_of_a_path_through_a_broken_point_is_nan_not_zero():
+    model = _mlp(0)
+    pts = _points_with_a_broken_one(float("nan"))
+    pts[2] = pts[0]  # a loop a -> broken -> a: a finite error at t = 0.5 would give an error barrier of ~0
+    x, y = torch.randn(30, 6), torch.randint(0, 3, (30,))
+    t = torch.tensor([0.0, 0.5, 1.0])
+    pe = evaluate_path(model, t, stack(pts), {"train": (x, y)})
+    table = pe.barrier_table()
+    assert set(table) == {"train_loss_max_chord", "train_loss_mid", "train_error_max_chord", "train_error_mid"}
+    assert all(np.isnan(v) for v in table.values()), table
+    b = barrier(pe.curves["train"]["error"], t, "max_chord", metric="error")
+    assert np.isnan(b.value) and b.t_max == 0.5
+
+
+def test_barrier_of_nan_values_is_nan_at_the_first_nan():
+    t = torch.linspace(0, 1, 5)
+    v = torch.tensor([0.1, 0.2, float("nan"), 0.2, float("nan")])
+    for kind in ("max_chord", "mid"):
+        b = barrier(v, t, kind)
+        assert np.isnan(b.value) and b.t_max == 0.5 and b.kind == kind
+        assert np.isnan(barrier_lower_bound(v, kind))
+    with pytest.raises(ValueError, match="unknown barrier kind 'max'"):
+        barrier_lower_bound(v, "max")
+    # a finite path is unchanged, whatever the size of its values
+    big = torch.tensor([0.0, 1e30, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert barrier(big, t).value == 1e30 and barrier(big, t).t_max == 0.25
+
+
+def test_metrics_of_non_finite_probabilities_are_nan():
+    from reference.evaluate import all_metrics
+
+    probs, y = _random_probs(seed=5)
+    bad = probs.clone()
+    bad[3] = float("nan")
+    for fn in (nll, accuracy, ece, auroc_ovr):
+        assert np.isnan(fn(bad, y)), fn.__name__
+        assert np.isfinite(fn(probs, y)), fn.__name__
+    assert all(np.isnan(v) for v in all_metrics(bad, y).values())
+    inf = probs.clone()
+    inf[0, 0] = float("inf")
+    assert np.isnan(accuracy(inf, y))
+    ens = ensemble_metrics(torch.stack([probs, bad]), y)
+    assert ens["members"] == 2 and all(np.isnan(ens[k]) for k in ("nll", "accuracy", "error", "ece", "auroc"))
+    with pytest.raises(ValueError, match="do not match"):  # shapes are still checked first
+        accuracy(bad, y[:-1])
+
+
+def test_evaluation_argument_checks():
+    model = _mlp(0)
+    pts = stack([{k: v.detach().clone() for k, v in _mlp(s).state_dict().items()} for s in range(2)])
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        evaluate_points(model, pts, x, y, batch_size=0)
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1"):
+        predict_logits(model, pts, x, chunk_size=0)
+    with pytest.raises(TypeError, match="train_mode must be True or False"):
+        evaluate_points(model, pts, x, y, train_mode=1)
+    with pytest.raises(ValueError, match="one leading size"):
+        evaluate_points(model, {**pts, "0.bias": pts["0.bias"][:1]}, x, y)
+    with pytest.raises(ValueError, match="non-empty dict"):
+        predict_logits(model, {}, x)
+    with pytest.raises(ValueError, match="n_bins must be an integer >= 1"):
+        ece(*_random_probs(), n_bins=0)
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        nll(*_random_probs(), eps=0.0)
+    a = {k: v[0] for k, v in pts.items()}
+    with pytest.raises(ValueError, match="num_points must be an integer >= 2"):
+        linear_path(a, a, 1)
+    with pytest.raises(TypeError, match="recompute_bn must be True or False"):
+        evaluate_path(model, torch.tensor([0.0, 1.0]), pts, {"train": (x, y)}, recompute_bn="yes")

@@ -282,6 +282,49 @@ def test_errors(case):
         input_jacobian(model, params, x[0])
 
 
+def test_argument_types_and_ranges(case):
+    """Floats, bools and out-of-range values are refused, never truncated (``int(2.5)`` would be 2)."""
+    from reference.validate import ArgumentTypeError
+
+    model, params, x, y, H = case
+    one = torch.ones(1, H.dim, dtype=torch.float64)
+    with pytest.raises(ArgumentTypeError, match="batch_size must be an integer, got 2.5"):
+        loss_hessian(model, params, x, y, batch_size=2.5)
+    with pytest.raises(ArgumentTypeError, match="chunk must be an integer, got True"):
+        H.hvp_many(one, chunk=True)
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1, got 0"):
+        H.hvp_many(one, chunk=0)
+    with pytest.raises(ValueError, match="at least one row"):
+        H.hvp_many(torch.zeros(0, H.dim, dtype=torch.float64))
+    with pytest.raises(ValueError, match=f"k must be an integer <= {H.dim - 1}"):
+        top_eigenvalues(H, H.dim)
+    with pytest.raises(ArgumentTypeError, match="k must be an integer"):
+        top_eigenvalues(H, 2.0)
+    with pytest.raises(ValueError, match="unknown which 'BE'"):
+        top_eigenvalues(H, 2, which="BE")
+    with pytest.raises(ValueError, match="tol must be >= 0"):
+        top_eigenvalues(H, 2, tol=-1.0)
+    with pytest.raises(ArgumentTypeError, match="samples must be an integer"):
+        hutchinson_trace(H, 10.0)
+    with pytest.raises(ArgumentTypeError, match="seed must be an integer"):
+        hutchinson_trace(H, 4, seed=0.5)
+    with pytest.raises(ValueError, match=f"steps must be an integer <= {H.dim}"):
+        lanczos(H.hvp_many, one, H.dim + 1)
+    with pytest.raises(ArgumentTypeError, match="probes must be an integer"):
+        slq(H, probes=True)
+    with pytest.raises(ValueError, match="rel_tol must be a finite number"):
+        count_near_zero(torch.ones(3), float("nan"))
+    with pytest.raises(ValueError, match="h must be < 0.5"):
+        curve_directions(Curve(Bezier(2), *_three_points()[:2], (_three_points()[2],)), [0.5], h=0.5)
+    with pytest.raises(ValueError, match="h must be > 0"):
+        curve_directions(Curve(Bezier(2), *_three_points()[:2], (_three_points()[2],)), [0.5], h=0.0)
+
+
+def _three_points():
+    g = torch.Generator().manual_seed(0)
+    return [{"w": torch.randn(3, 2, generator=g, dtype=torch.float64)} for _ in range(3)]
+
+
 def test_zero_hessian_is_a_clear_error():
     model, params, x, y = _mlp_case()
     dead = {k: (torch.full_like(v, -1.0) if k.endswith("bias") and k.startswith("layers.0") else v)

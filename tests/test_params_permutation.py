@@ -37,6 +37,9 @@ def test_combine_weights_floats_and_keeps_integer_buffers():
         combine([0.5, 0.5], [a, b], int_policy="equal")
     with pytest.raises(ValueError, match="unknown int_policy"):
         combine([0.5, 0.5], [a, b], int_policy="mean")
+    no_ints = {k: v for k, v in a.items() if k != "steps"}
+    with pytest.raises(ValueError, match="unknown int_policy"):  # refused even without integer buffers
+        combine([1.0], [no_ints], int_policy="mean")
     with pytest.raises(ValueError, match="expected 2 coefficients"):
         combine([1.0], [a, b])
 
@@ -66,7 +69,7 @@ def test_lerp_endpoints_and_combine_batch_rows():
 
 def test_mismatched_keys_and_shapes_name_the_key():
     a = _point(0)
-    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+    with pytest.raises(ValueError, match=r"missing keys \['b'\]"):
         check_compatible(a, {"w": a["w"], "steps": a["steps"]})
     with pytest.raises(ValueError, match="key 'w': shape"):
         combine([0.5, 0.5], [a, {**a, "w": torch.zeros(5, 3, dtype=torch.float64)}])
@@ -89,8 +92,10 @@ def test_stack_unstack_flatten_unflatten_roundtrip():
     assert torch.equal(r["steps"], pts[0]["steps"])
     with pytest.raises(ValueError, match="does not match 16 parameters"):
         unflatten(torch.zeros(3), pts[0])
-    with pytest.raises(ValueError, match="inconsistent leading sizes"):
+    with pytest.raises(ValueError, match="one leading size"):
         unstack({"a": torch.zeros(2, 1), "b": torch.zeros(3, 1)})
+    with pytest.raises(ValueError, match="non-empty dict"):
+        unstack({})
 
 
 def test_distance_and_finite_check_and_to():
@@ -192,3 +197,95 @@ def test_spec_canonical_form_ignores_group_names():
     b = PermutationSpec({"x": ("Z", None), "y": (None, "Z")}, {"x": (2, 3), "y": (4, 2)})
     c = PermutationSpec({"x": ("A", None), "y": (None, None)}, {"x": (2, 3), "y": (4, 2)})
     assert a.same_symmetry(b) and not a.same_symmetry(c)
+
+
+# --- a Permutation made without a spec is checked against the spec at apply time ---------------
+
+def _theta(spec):
+    g = torch.Generator().manual_seed(0)
+    return {k: torch.randn(s, generator=g) if k != "steps" else torch.tensor(1) for k, s in spec.shapes.items()}
+
+
+def test_apply_refuses_a_specless_permutation_of_the_wrong_length(tmp_path):
+    spec = _spec()  # group P of size 4
+    short = Permutation({"P": torch.tensor([2, 0, 1])})  # a bijection of range(3), no spec to check it
+    with pytest.raises(ValueError, match="group 'P': permutation has length 3, the group has size 4"):
+        short.apply(spec, _theta(spec))
+    with pytest.raises(ValueError, match="length 3, the group has size 4"):
+        short(spec, _theta(spec))
+    long = Permutation({"P": torch.tensor([4, 0, 1, 2, 3])})
+    with pytest.raises(ValueError, match="length 5, the group has size 4"):
+        long.apply(spec, _theta(spec))
+    # the same through persistence without a spec
+    short.save(tmp_path / "p.pt")
+    with pytest.raises(ValueError, match="length 3, the group has size 4"):
+        Permutation.load(tmp_path / "p.pt").apply(spec, _theta(spec))
+    with pytest.raises(ValueError, match="length 3, the group has size 4"):
+        Permutation.from_json(short.to_json()).apply(spec, _theta(spec))
+    with pytest.raises(ValueError, match="lacks groups"):
+        Permutation({"Q": torch.tensor([1, 0, 2, 3])}).apply(spec, _theta(spec))
+    # a fitting specless permutation applies exactly as the one made with the spec
+    ok = Permutation({"P": torch.tensor([2, 0, 3, 1])})
+    ref = Permutation({"P": torch.tensor([2, 0, 3, 1])}, spec)
+    theta = _theta(spec)
+    out, want = ok.apply(spec, theta), ref.apply(spec, theta)
+    assert all(torch.equal(out[k], want[k]) for k in theta)
+
+
+def test_apply_refuses_a_specless_permutation_breaking_groupnorm_blocks(tmp_path):
+    spec = PermutationSpec({"w": ("P", None)}, {"w": (6, 2)}, {"P": 3})
+    breaks = Permutation({"P": torch.tensor([0, 1, 3, 2, 4, 5])})  # swaps units across the two blocks
+    w = {"w": torch.arange(12.0).view(6, 2)}
+    with pytest.raises(ValueError, match="does not map blocks of 3 channels onto blocks"):
+        breaks.apply(spec, w)
+    breaks.save(tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="does not map blocks"):
+        Permutation.load(tmp_path / "b.pt").apply(spec, w)
+    with pytest.raises(ValueError, match="does not map blocks"):
+        Permutation.from_json(breaks.to_json()).apply(spec, w)
+    with pytest.raises(ValueError, match="does not map blocks"):
+        breaks.check_fits(spec)
+    blockwise = Permutation({"P": torch.tensor([5, 3, 4, 1, 0, 2])})  # block 1 -> 0, block 0 -> 1
+    assert blockwise.apply(spec, w)["w"][:, 0].tolist() == [10.0, 6.0, 8.0, 2.0, 0.0, 4.0]
+
+
+def test_from_json_refuses_non_integer_entries():
+    spec = _spec()
+    with pytest.raises(ValueError, match=r"group 'P': permutation entries must be integers, got 0.5"):
+        Permutation.from_json('{"P": [0.5, 1, 2, 3]}')
+    with pytest.raises(ValueError, match="must be integers, got 1.0"):
+        Permutation.from_json('{"P": [0, 1.0, 2, 3]}', spec)
+    with pytest.raises(ValueError, match="must be integers, got True"):
+        Permutation.from_json('{"P": [0, true, 2, 3]}')
+    with pytest.raises(ValueError, match="must be integers, got '1'"):
+        Permutation.from_json('{"P": [0, "1", 2, 3]}')
+    with pytest.raises(ValueError, match="must be a list of integers"):
+        Permutation.from_json('{"P": 3}')
+    with pytest.raises(ValueError, match="is an object"):
+        Permutation.from_json("[0, 1, 2]")
+    assert Permutation.from_json('{"P": [3, 2, 1, 0]}', spec)["P"].tolist() == [3, 2, 1, 0]
+
+
+def test_random_generator_argument():
+    spec = _spec()
+    assert Permutation.random(spec, 5) == Permutation.random(spec, torch.Generator().manual_seed(5))
+    torch.manual_seed(123)
+    a = Permutation.random(spec)  # None: torch's global generator, as before
+    torch.manual_seed(123)
+    assert Permutation.random(spec) == a
+    with pytest.raises(TypeError, match="generator must be"):
+        Permutation.random(spec, True)
+    with pytest.raises(ValueError, match="generator must be"):
+        Permutation.random(spec, 1.5)
+
+
+def test_spec_block_sizes_and_batch_dims_are_integers():
+    with pytest.raises(ValueError, match="block size of group 'P' must be an integer >= 1, got 0"):
+        PermutationSpec({"a": ("P",)}, {"a": (4,)}, {"P": 0})
+    with pytest.raises(TypeError, match="block size of group 'P' must be an integer"):
+        PermutationSpec({"a": ("P",)}, {"a": (4,)}, {"P": 2.0})
+    spec = _spec()
+    with pytest.raises(ValueError, match="batch_dims must be an integer >= 0"):
+        Permutation.identity(spec).apply(spec, _theta(spec), batch_dims=-1)
+    with pytest.raises(TypeError, match="batch_dims must be an integer"):
+        check_compatible(_point(0), _point(1), batch_dims=True)

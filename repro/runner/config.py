@@ -7,6 +7,8 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from reference import validate
+
 from .declare import SIZES, Target
 
 __all__ = ["apply_overrides", "config_for", "parse_override"]
@@ -106,8 +108,7 @@ def apply_overrides(cfg: Any, overrides: Sequence[tuple[str, str]]) -> Any:
 def config_for(t: Target, size: str, dataset: str | None, seed: int | None,
                overrides: Sequence[tuple[str, str]]) -> Any:
     """The config a run uses: the size's, with ``--dataset``, ``--seed`` and ``--set`` applied and validated."""
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; use one of {', '.join(SIZES)}")
+    validate.choice("size", size, SIZES)
     cfg = t.sizes[size]
     if dataset is not None:
         ds = dataset.strip().lower()
@@ -116,7 +117,7 @@ def config_for(t: Target, size: str, dataset: str | None, seed: int | None,
                              f"{', '.join(t.datasets)}")
         cfg = dataclasses.replace(cfg, dataset=ds)
     if seed is not None:
-        cfg = dataclasses.replace(cfg, seed=int(seed))
+        cfg = dataclasses.replace(cfg, seed=validate.integer("seed", seed, minimum=None))
     cfg = apply_overrides(cfg, overrides)
     if cfg.dataset not in t.datasets:
         raise ValueError(f"target {t.name!r} does not support dataset {cfg.dataset!r}; it supports: "

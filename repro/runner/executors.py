@@ -26,6 +26,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from reference import validate
+
 from .context import JobContext
 from .util import jsonable
 
@@ -106,10 +108,8 @@ def check_picklable(fn: Callable[..., Any], args: Any) -> None:
 class ProcessExecutor:
     def __init__(self, workers: int | None = None, threads_per_worker: int = 1):
         workers = (os.cpu_count() or 1) if workers is None else workers
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be an integer >= 1, got {workers!r}")
-        self.workers = workers
-        self.threads_per_worker = threads_per_worker
+        self.workers = validate.integer("workers", workers)
+        self.threads_per_worker = validate.integer("threads_per_worker", threads_per_worker)
 
     def imap(self, items: Sequence[Item], ctx: JobContext) -> Iterator[tuple[int, Any]]:
         items = list(items)
@@ -206,8 +206,7 @@ class RayExecutor:
 
 
 def make_executor(kind: str = "local", workers: int | None = None, address: str | None = None):
-    if kind not in EXECUTORS:
-        raise ValueError(f"unknown executor {kind!r}; use one of {EXECUTORS}")
+    validate.choice("executor", kind, EXECUTORS)
     if address and kind != "ray":
         raise ValueError(f"an address ({address!r}) is for the ray executor, not {kind!r}")
     if kind == "local":
