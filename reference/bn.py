@@ -54,7 +54,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .activations import hooked
 from .evaluate import default_chunk_size
+from .fit import split_trainable
 from .params import Params
 
 __all__ = [
@@ -116,17 +118,6 @@ def _bn_train_only(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def _check_params(model: nn.Module, params: Mapping[str, Tensor], what: str) -> None:
-    expected = list(model.state_dict().keys())
-    missing = [k for k in expected if k not in params]
-    extra = [k for k in params if k not in set(expected)]
-    if missing or extra:
-        raise ValueError(
-            f"{what} do not match the model's state_dict: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {extra[:5]}{'...' if len(extra) > 5 else ''}"
-        )
-
-
 def _check_x(x: Tensor, batch_size: int | None, method: str) -> None:
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
@@ -159,20 +150,17 @@ def _recompute(
     if not bns:
         return out
     dev = next(iter(params.values())).device
-    # per-example number of positions each BatchNorm normalises over (1 for BatchNorm1d on [B, C])
+    # per-example number of positions each BatchNorm normalises over (1 for BatchNorm1d on [B, C]),
+    # read off its output (of its input's shape) by ``reference.activations.hooked``
     positions: dict[str, int] = {}
 
-    def make_hook(name: str):
-        def hook(_mod: nn.Module, args: tuple) -> None:
-            positions[name] = math.prod(args[0].shape[2:])
+    def count(name: str, y: Tensor) -> None:
+        positions[name] = math.prod(y.shape[2:])
 
-        return hook
-
-    handles = [m.register_forward_pre_hook(make_hook(name)) for name, m in bns]
     # running totals per BatchNorm module, float64: count M, mean μ, and M2 (pooled) or Σ m_b v_b
     acc: dict[str, tuple[float, Tensor, Tensor]] = {}
     chunks = _chunks(x.shape[0], batch_size)
-    try:
+    with hooked(model, [name for name, _ in bns], count):
         with _bn_train_only(model), override_momentum(model, 1.0), torch.no_grad():
             for sl in chunks:
                 fresh = dict(out)
@@ -203,9 +191,6 @@ def _recompute(
                     else:
                         s = s + m_b * v_b
                     acc[name] = (new_tot, mu, s)
-    finally:
-        for h in handles:
-            h.remove()
     for name, _ in bns:
         p = f"{name}." if name else ""
         m_tot, mu, s = acc[name]
@@ -237,7 +222,7 @@ def recompute_bn_stats(
     result lives where ``params`` live (``x`` is moved there chunk by chunk). A model without
     BatchNorm gets a copy of ``params``.
     """
-    _check_params(model, params, "params")
+    split_trainable(model, params, "params")
     _check_x(x, batch_size, method)
     extra = {n: b for n, b in model.named_buffers() if n not in params}
 
@@ -261,7 +246,7 @@ def recompute_bn_stats_batched(
     Returns stacked ``Params`` whose entry ``[k]`` equals ``recompute_bn_stats(model, point_k, x)``
     up to floating-point reassociation.
     """
-    _check_params(model, stacked, "stacked params")
+    split_trainable(model, stacked, "stacked params")
     _check_x(x, batch_size, method)
     sizes = {v.shape[0] if v.ndim else None for v in stacked.values()}
     if len(sizes) != 1 or None in sizes:

@@ -47,7 +47,7 @@ conjugated onto C's units.)
 
 **REPAIR** (Jordan et al. 2023, "REPAIR: REnormalizing Permuted Activations for Interpolation
 Repair", §4). At ``θ = Σ kᵢ θᵢ`` of aligned endpoints, every channel of every layer that produces a
-permutation group's units (``reference.matching._group_producers``: the norm layer where the group
+permutation group's units (``reference.activations.group_producers``: the norm layer where the group
 has one, else the Linear / conv layers writing into it; their outputs are the pre-activations) gets
 the mean and standard deviation ``Σ kᵢ (μᵢ, σᵢ)`` of the endpoints' channels on data x. Layers are
 repaired in forward order, each measured after the ones before it were repaired (what the paper's
@@ -69,14 +69,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import validate
+from .activations import Producer, channel_stats, check_inputs, forward_order, group_producers, producer_names
 from .bn import recompute_bn_stats
-from .matching import _group_producers, solve_lap, weight_matching
+from .matching import solve_lap, weight_matching
 from .params import Params, check_compatible, check_finite, combine, float_keys, is_float
 from .permutation import Permutation, PermutationSpec
-from .train import module_mode
 
 __all__ = [
     "MERGE_INITS",
@@ -473,90 +473,9 @@ def bn_reset(model: nn.Module, params: Mapping[str, Tensor], x: Tensor, **kwargs
     return recompute_bn_stats(model, params, x, **kwargs)
 
 
-def _channels(out: Tensor, mod: nn.Module) -> Tensor:
-    """Activations as ``[values, C]``: Linear / LayerNorm carry channels last, conv / norms dim 1."""
-    if isinstance(mod, nn.Linear | nn.LayerNorm) or out.ndim == 2:
-        return out.reshape(-1, out.shape[-1])
-    return out.movedim(1, -1).reshape(-1, out.shape[1])
-
-
-class _Stats:
-    """Per-channel count, mean and M2 in float64, chunks merged by Chan et al.'s parallel update."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-
-    def add(self, v: Tensor) -> None:
-        v = v.detach().double()
-        m = v.shape[0]
-        mu = v.mean(0)
-        m2 = (v - mu).square().sum(0)
-        if self.mean is None:
-            self.n, self.mean, self.m2 = m, mu, m2
-            return
-        tot = self.n + m
-        d = mu - self.mean
-        self.mean = self.mean + d * (m / tot)
-        self.m2 = self.m2 + m2 + d.square() * (self.n * m / tot)
-        self.n = tot
-
-    def result(self) -> tuple[Tensor, Tensor]:
-        return self.mean.cpu(), (self.m2 / self.n).clamp_min(0).sqrt().cpu()
-
-
-def _check_x(x: Tensor, batch_size: int) -> None:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
-    if x.ndim < 1 or x.shape[0] < 2:
-        raise ValueError(f"channel statistics need at least 2 examples, got x of shape {tuple(x.shape)}")
-    _check_int("batch_size", batch_size, 1)
-
-
-def _producers(model: nn.Module, spec: PermutationSpec) -> list[str]:
-    names = sorted({m for ms in _group_producers(model, spec).values() for m in ms})
-    return names
-
-
-def _forward_order(model: nn.Module, params: Mapping[str, Tensor], names: Sequence[str], x: Tensor) -> list[str]:
-    """``names`` in the order their modules run; each must run exactly once per forward."""
-    modules = dict(model.named_modules())
-    seen: list[str] = []
-    hooks = [modules[n].register_forward_hook(lambda *_, n=n: seen.append(n)) for n in names]
-    extra = {k: b for k, b in model.named_buffers() if k not in params}
-    try:
-        with module_mode(model, False), torch.no_grad():
-            functional_call(model, {**params, **extra}, (x[:2],))
-    finally:
-        for h in hooks:
-            h.remove()
-    twice = sorted({n for n in seen if seen.count(n) > 1})
-    never = sorted(set(names) - set(seen))
-    if twice or never:
-        raise ValueError(f"REPAIR needs every producing layer to run once per forward: twice {twice}, never {never}")
-    return seen
-
-
-@torch.no_grad()
-def _stats(
-    model: nn.Module, params: Mapping[str, Tensor], x: Tensor, names: Sequence[str], batch_size: int
-) -> dict[str, tuple[Tensor, Tensor]]:
-    modules = dict(model.named_modules())
-    acc = {n: _Stats() for n in names}
-    hooks = [
-        modules[n].register_forward_hook(lambda mod, inp, out, n=n: acc[n].add(_channels(out, mod))) for n in names
-    ]
-    dev = next(iter(params.values())).device
-    extra = {k: b for k, b in model.named_buffers() if k not in params}
-    try:
-        with module_mode(model, False):
-            for s in range(0, x.shape[0], batch_size):
-                functional_call(model, {**params, **extra}, (x[s : s + batch_size].to(dev),))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: acc[n].result() for n in names}
+def _producers(model: nn.Module, spec: PermutationSpec) -> dict[str, Producer]:
+    """Every module producing a group's units (``reference.activations.group_producers``), by name."""
+    return producer_names(group_producers(model, spec))
 
 
 def channel_statistics(
@@ -568,12 +487,13 @@ def channel_statistics(
     batch_size: int = 1024,
 ) -> dict[str, tuple[Tensor, Tensor]]:
     """Per-channel mean and (population) standard deviation, float64 on CPU, of the output of every
-    module producing a permutation group's units (``_group_producers``), on ``x`` in eval mode:
-    ``{module name: (mean [C], std [C])}``, over examples and positions."""
+    module producing a permutation group's units (``reference.activations.group_producers``), on
+    ``x`` in eval mode: ``{module name: (mean [C], std [C])}``, over examples and positions."""
     spec = _spec_of(model, spec)
     spec.check_params(params)
-    _check_x(x, batch_size)
-    return _stats(model, params, x, _producers(model, spec), batch_size)
+    check_inputs(x, batch_size)
+    prods = list(_producers(model, spec).values())
+    return channel_stats(model, params, x, prods, batch_size=batch_size, sizes=spec.sizes)
 
 
 def _spec_of(model: nn.Module, spec: PermutationSpec | None) -> PermutationSpec:
@@ -598,6 +518,13 @@ def _check_coeffs(coeffs: Sequence[float], n: int) -> list[float]:
     return c
 
 
+def _along(v: Tensor, axis: int, ndim: int) -> Tensor:
+    """A per-channel vector ``v`` shaped to broadcast along ``axis`` of an ``ndim``-dimensional tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return v.view(shape)
+
+
 def repair(
     model: nn.Module,
     endpoints: Sequence[Mapping[str, Tensor]],
@@ -614,6 +541,7 @@ def repair(
     ``endpoints`` must already be aligned (one labelling); ``coeffs`` convex (a point of a path or
     a simplex). Statistics on ``x`` in chunks of ``batch_size``, eval mode, float64. ``spec``
     defaults to ``spec_for(model)``. BatchNorm nets: ``bn_reset(θ)`` (``bn_method`` passed on).
+    The producing layer's weight (and bias) is rescaled along the axis the spec gives its group.
     Raises ``ValueError`` for mismatched endpoints, non-convex coefficients, too few inputs, or a
     producing norm layer without an affine weight.
     """
@@ -622,33 +550,41 @@ def repair(
     spec = _spec_of(model, spec)
     pts = check_models(spec, endpoints, 1)
     c = _check_coeffs(coeffs, len(pts))
-    _check_x(x, batch_size)
-    if not (isinstance(eps, int | float) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    check_inputs(x, batch_size)
+    eps = validate.number("eps", eps, minimum=0)
     theta = combine(c, pts)
     modules = dict(model.named_modules())
-    names = _producers(model, spec)
+    prods = _producers(model, spec)
+    names = list(prods)
     is_bn = {n: isinstance(modules[n], _BatchNorm) for n in names}
     if any(is_bn.values()):
         if not all(is_bn.values()):
             mixed = sorted(n for n, v in is_bn.items() if not v)
             raise ValueError(f"REPAIR: some groups are produced by BatchNorm and some are not ({mixed[:5]})")
         return bn_reset(model, theta, x, batch_size=batch_size, method=bn_method)
-    for n in names:
-        if f"{n}.weight" not in theta:
+    for n, p in prods.items():
+        if p.weight_key not in theta:
             raise ValueError(f"REPAIR: producing layer {n!r} has no weight to rescale (a norm without affine?)")
-    order = _forward_order(model, theta, names, x)
-    ends = [_stats(model, p, x, names, batch_size) for p in pts]
+    try:
+        order = forward_order(model, theta, names, x)
+    except ValueError as e:
+        raise ValueError(f"REPAIR: {e}") from None
+    every = list(prods.values())
+    ends = [channel_stats(model, p, x, every, batch_size=batch_size, sizes=spec.sizes) for p in pts]
     for n in order:
+        p = prods[n]
         mu_t = sum(ci * e[n][0] for ci, e in zip(c, ends, strict=True))
         sd_t = sum(ci * e[n][1] for ci, e in zip(c, ends, strict=True))
-        mu, sd = _stats(model, theta, x, [n], batch_size)[n]
+        mu, sd = channel_stats(model, theta, x, [p], batch_size=batch_size, sizes=spec.sizes)[n]
         s = torch.where(sd > eps, sd_t / torch.where(sd > eps, sd, torch.ones_like(sd)), torch.ones_like(sd))
-        w = theta[f"{n}.weight"]
-        shape = (-1,) + (1,) * (w.ndim - 1)
-        theta[f"{n}.weight"] = (w.double() * s.to(w.device).view(shape)).to(w.dtype)
-        bk = f"{n}.bias"
+        w = theta[p.weight_key]
+        theta[p.weight_key] = (w.double() * _along(s.to(w.device), p.weight_axis, w.ndim)).to(w.dtype)
+        bk = f"{n}.bias" if n else "bias"
         if bk in theta and theta[bk] is not None:
             bias = theta[bk]
-            theta[bk] = (bias.double() * s.to(bias.device) + (mu_t - s * mu).to(bias.device)).to(bias.dtype)
+            ax = p.weight_axis if bias.ndim == w.ndim else 0
+            shift = (mu_t - s * mu).to(bias.device)
+            theta[bk] = (
+                bias.double() * _along(s.to(bias.device), ax, bias.ndim) + _along(shift, ax, bias.ndim)
+            ).to(bias.dtype)
     return theta

@@ -17,6 +17,7 @@ import math
 
 import pytest
 import torch
+from tiny_nets import general_params
 from torch.func import functional_call
 
 from reference.bn import recompute_bn_stats
@@ -37,7 +38,7 @@ from reference.merge import (
     universe_alignment,
 )
 from reference.models import MLP, VGG, ResNet, init_params
-from reference.params import Params, combine, lerp, stack
+from reference.params import combine, lerp, stack
 from reference.permutation import Permutation
 from reference.specs import spec_for
 from reference.train import TrainConfig, train_many
@@ -45,27 +46,10 @@ from reference.train import TrainConfig, train_many
 CFG = TrainConfig(epochs=5, batch_size=64, lr=0.05, momentum=0.9)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny networks: one intra-op thread (thread wake-ups dominate on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
-def _general(model, seed: int = 0, dtype=torch.float64) -> Params:
-    """Every floating entry N(0, 1) (running_var |N| + 0.5): no ties anywhere."""
-    g = torch.Generator().manual_seed(seed)
-    out = {}
-    for k, v in init_params(model, seed).items():
-        if not v.is_floating_point():
-            out[k] = v
-        elif k.endswith("running_var"):
-            out[k] = (torch.randn(v.shape, generator=g).abs() + 0.5).to(dtype)
-        else:
-            out[k] = torch.randn(v.shape, generator=g).to(dtype)
-    return out
+_general = general_params
 
 
 def _f(model, params, x):
