@@ -1,8 +1,9 @@
 """Property 6: spec discovery by tracing agrees with the hand-written specs.
 
-``trace_spec(model, x)`` derives the permutation symmetry from a ``torch.fx`` trace (union-find over
-channel spaces, residual additions merge them); ``spec_for(model)`` is written by hand from Git
-Re-Basin's specs. Both are looked up as ``reference.specs.<name>`` at call time.
+``trace_spec(model, x)`` (``reference.trace``) derives the permutation symmetry from a ``torch.fx``
+trace (union-find over channel spaces, one rule per operation in ``reference.trace.RULES``; residual
+additions merge spaces); ``spec_for(model)`` is written by hand from Git Re-Basin's specs. Both are
+looked up as ``reference.specs.<name>`` at call time (``reference.specs`` re-exports the tracer).
 """
 
 from __future__ import annotations

@@ -200,6 +200,40 @@ def test_build_model_errors() -> None:
         CNN1D(channels=[0, 4])
 
 
+@pytest.mark.parametrize(
+    ("make", "error", "match"),
+    [
+        (lambda: MLP(True, [4], 3), TypeError, r"in_features must be an integer, got True"),
+        (lambda: MLP(3, [4], 0), ValueError, r"num_classes must be an integer >= 1, got 0"),
+        (lambda: MLP(3, "44", 3), TypeError, r"widths must be a sequence of integers"),
+        (lambda: MLP(3, [4, 2.5], 3), ValueError, r"widths\[1\] must be an integer, got 2.5"),
+        (lambda: MLP(3, [4], 3, bias=1), TypeError, r"bias must be True or False, got 1"),
+        (lambda: MLP(3, [4], 3, norm="batch"), ValueError, r"unknown MLP norm 'batch'"),
+        (lambda: VGG(3, [8, "M"], 10, dims=2.0), TypeError, r"dims must be an integer, got 2.0"),
+        (lambda: VGG(3, [8], 10, dims=0), ValueError, r"dims must be an integer >= 1"),
+        (lambda: VGG(3, [8], 10, dims=True), TypeError, r"dims must be an integer, got True"),
+        (lambda: VGG(3, [8, "N"], 10), TypeError, r"channels\[1\] must be an integer, got 'N'"),
+        (lambda: VGG(3, "8M", 10), TypeError, r"channels must be a sequence"),
+        (lambda: VGG(3, [8], 10, norm="group", groups=0), ValueError, r"groups must be an integer >= 1"),
+        (lambda: CNN1D(kernel_size=3.0), TypeError, r"kernel_size must be an integer"),
+        (lambda: CNN1D(bias="yes"), TypeError, r"bias must be True or False"),
+        (lambda: ResNet(3, 10, depth=8, width=0), ValueError, r"width must be an integer >= 1"),
+        (lambda: ResNet(3, 10, depth=8, norm="instance"), ValueError, r"unknown norm 'instance'; use one of"),
+        (lambda: ChannelLayerNorm(False), TypeError, r"num_channels must be an integer"),
+        (lambda: init_params(MLP(3, [4], 3), 1.0), TypeError, r"seed must be an integer"),
+    ],
+)
+def test_model_argument_checks(make, error, match) -> None:
+    """Every wrong type is both a TypeError and a ValueError (``validate.ArgumentTypeError``)."""
+    with pytest.raises(error, match=match):
+        make()
+    with pytest.raises((TypeError, ValueError)):
+        make()
+    if error is TypeError:
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
 def test_init_params_deterministic() -> None:
     """Same seed → same point; another seed → another; the model and the global RNG are untouched."""
     model = build_model({"name": "resnet", "in_channels": 3, "num_classes": 4, "depth": 8, "base": 4})
@@ -494,6 +528,73 @@ def test_trace_spec_bn_in_train_mode_does_not_touch_buffers() -> None:
     trace_spec(model, _input((1, 3, 4, 4)))  # batch of one: would fail in train mode
     assert int(model.state_dict()["features.0.norm.num_batches_tracked"]) == 0
     assert model.training
+
+
+def test_trace_spec_is_reexported_by_specs() -> None:
+    import reference.specs
+    import reference.trace
+
+    assert reference.specs.trace_spec is reference.trace.trace_spec is trace_spec
+
+
+class _PReLUNet(nn.Module):
+    """Linear → PReLU (one slope per unit: a parameter on the hidden axis) → Hardswish → Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 6)
+        self.act = nn.PReLU(6)
+        self.swish = nn.Hardswish()
+        self.fc2 = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.swish(self.act(self.fc1(x))))
+
+
+def test_trace_rules_registry_teaches_new_layers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``RULES`` is read at every node: an entry for a layer without a rule (a parameterised one and
+    an elementwise one) makes the traced spec cover it, and the spec is a symmetry of the model."""
+    import reference.trace as trace
+
+    model = _PReLUNet()
+    x = _input((5, 4))
+    with pytest.raises(ValueError, match="PReLU.*no rule"):
+        trace_spec(model, x)
+
+    def prelu(tracer: trace.SpecInterpreter, n: Any, result: Any) -> list[int]:
+        axes = tracer.axes[tracer.one_tensor(n)]
+        tracer.attach_module(str(n.target), tracer.fetch_attr(n.target), {"weight": [axes[1]]})
+        return list(axes)
+
+    monkeypatch.setitem(trace.RULES, nn.PReLU, prelu)
+    with pytest.raises(ValueError, match="unsupported operation at node 'swish'"):
+        trace_spec(model, x)
+    monkeypatch.setitem(trace.RULES, nn.Hardswish, trace.elementwise)
+    spec = trace_spec(model, x)
+    assert spec.axes["act.weight"] == ("P_fc1",) and spec.axes["fc2.weight"] == (None, "P_fc1")
+    with torch.no_grad():
+        model.act.weight.copy_(torch.linspace(-1, 1, 6))
+    params = model.state_dict()
+    P = Permutation.random(spec, 0)
+    torch.testing.assert_close(
+        functional_call(model, P.apply(spec, params), (x,)), functional_call(model, params, (x,))
+    )
+
+
+def test_trace_rule_of_addition_is_what_merges_residual_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The residual stream of a ResNet is one group because ``residual_add`` merges the operands of
+    ``+``; with that rule gone, tracing refuses the addition rather than guessing."""
+    import operator
+
+    import reference.trace as trace
+
+    model = ResNet(3, 2, depth=8, base=4, norm=None)
+    x = _input((2, 3, 8, 8))
+    assert trace.RULES[operator.add] is trace.residual_add
+    assert trace_spec(model, x).same_symmetry(spec_for(model))
+    monkeypatch.delitem(trace.RULES, operator.add)
+    with pytest.raises(ValueError, match="unsupported operation at node 'add'"):
+        trace_spec(model, x)
 
 
 @given(

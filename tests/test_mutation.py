@@ -1,18 +1,37 @@
 """Mutation tests: inject a known bug, and check that the property meant to catch it fails.
 
-Each test monkeypatches one bug into ``reference/`` (or into the strategies), runs a property of
-``invariants/`` directly (a ``@given`` function called with no arguments) under fixed settings —
-derandomized, no shrinking, no example database — and asserts that it raises ``AssertionError``
-(the property's own check, not a crash). ``test_properties_pass_unmutated`` runs the same
-properties with the same settings and no mutant: the failures are the mutants'.
+Each test plants one bug in ``reference/`` (or in the strategies) through a *public* seam — a public
+function or class attribute replaced with ``monkeypatch.setattr``, or an entry of a public registry
+(``reference.matching.SOLVERS``, ``reference.trace.RULES``) replaced with ``monkeypatch.setitem`` —
+runs a property of ``invariants/`` under fixed settings (``MUTATION_SETTINGS``: derandomized, no
+shrinking, no example database) and asserts that it raises ``AssertionError`` (the property's own
+check, not a crash). ``test_properties_pass_unmutated`` runs the same properties with the same
+settings and no mutant: the failures are the mutants'. ``test_mutation_tests_use_public_seams_only``
+checks that this file never patches or reads a private name.
+
+Hypothesis is driven through its public API only. A ``@given`` test keeps the settings that were
+current when it was decorated, and ``@settings`` may be applied to it only once, so
+``run_property`` imports a *fresh copy* of the property's module while a registered settings
+profile (``settings.register_profile`` / ``load_profile``) holds ``MUTATION_SETTINGS``, restores
+the session's profile, points the copy's ``hypothesis.inner_test`` (the documented hook for
+custom execution) at the *original* property's body, and runs the copy. So the examples come from
+the copy's ``@given`` (same source: the same derandomized examples as the original would draw with
+these settings) and every example runs the original body, with the original module's globals (a
+mutant planted there, or in ``reference/``, is seen as it always was); the modules the session
+collected are never modified. (``prop.hypothesis.fuzz_one_input`` would need no copy, but hypothesis 6.155's bytestring
+provider never offsets a bounded integer draw by its lower bound — ``st.integers(16, 20)`` never
+yields a valid example, HypothesisWorks/hypothesis#4847 — so most strategies here fail under it.)
 
 The table of mutants and the properties that catch them is in ``invariants/README.md``.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import json
-import types
+import sys
+from pathlib import Path
 
 import numpy
 import pytest
@@ -25,6 +44,7 @@ import reference.barrier
 import reference.matching
 import reference.params
 import reference.specs
+import reference.trace
 from invariants import (
     props_barrier,
     props_group,
@@ -61,17 +81,32 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def run_property(monkeypatch: pytest.MonkeyPatch, prop, max_examples: int = 60) -> None:
-    """Run the ``@given`` property ``prop`` under ``MUTATION_SETTINGS``.
-
-    ``@settings(...)`` would overwrite the property's settings for the rest of the session; the
-    same attribute is set through ``monkeypatch`` instead, which restores it after the test.
-    """
+def mutation_copy(monkeypatch: pytest.MonkeyPatch, prop, max_examples: int):
+    """``prop`` as decorated in a fresh import of its module under ``MUTATION_SETTINGS`` (with
+    ``max_examples``). The session's settings profile is restored before this returns."""
     assert getattr(prop, "is_hypothesis_test", False), f"{prop.__name__} is not a @given property"
-    monkeypatch.setattr(
-        prop, "_hypothesis_internal_use_settings", settings(MUTATION_SETTINGS, max_examples=max_examples)
-    )
-    prop()
+    original = sys.modules[prop.__module__]
+    name = f"{original.__name__}.mutation_copy"
+    spec = importlib.util.spec_from_file_location(name, original.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)  # dataclasses look their module up while it executes
+    profile = f"mutation-{max_examples}"
+    settings.register_profile(profile, MUTATION_SETTINGS, max_examples=max_examples)
+    before = settings.get_current_profile_name()
+    settings.load_profile(profile)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        settings.load_profile(before)
+    copy = getattr(module, prop.__name__)
+    assert copy is not prop and getattr(copy, "is_hypothesis_test", False)
+    copy.hypothesis.inner_test = prop.hypothesis.inner_test  # the original body and globals
+    return copy
+
+
+def run_property(monkeypatch: pytest.MonkeyPatch, prop, max_examples: int = 60) -> None:
+    """Run the ``@given`` property ``prop`` under ``MUTATION_SETTINGS`` (see the module docstring)."""
+    mutation_copy(monkeypatch, prop, max_examples)()
 
 
 def assert_caught(monkeypatch: pytest.MonkeyPatch, prop, max_examples: int = 60) -> AssertionError:
@@ -164,26 +199,15 @@ def test_c_split_residual_stream_caught_by_spec_discovery(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # matching mutants (d) and others
 # ---------------------------------------------------------------------------------------------
-class _NumpySkippingFirstGroup(types.ModuleType):
-    """``numpy`` as ``reference.matching`` sees it, except that the group order drawn by
-    ``np.random.default_rng(seed).permutation(n)`` never contains group 0: that group is never
-    updated by weight matching."""
-
-    def __init__(self) -> None:
-        super().__init__("numpy")
-        self.random = types.SimpleNamespace(default_rng=self._rng)
-
-    def __getattr__(self, name: str):
-        return getattr(numpy, name)
-
-    @staticmethod
-    def _rng(seed):
-        rng = numpy.random.default_rng(seed)
-        return types.SimpleNamespace(permutation=lambda n: [int(i) for i in rng.permutation(n) if i != 0])
-
-
 def test_d_matching_skips_a_group_caught_by_recovery(monkeypatch):
-    monkeypatch.setattr(reference.matching, "np", _NumpySkippingFirstGroup())
+    """Weight matching whose passes never visit the first group (it is never updated); the order of
+    the others is the one the seeded generator draws."""
+    real = reference.matching.group_order
+
+    def skip_first(groups, rng):
+        return [g for g in real(groups, rng) if g != groups[0]]
+
+    monkeypatch.setattr(reference.matching, "group_order", skip_first)
     err = assert_caught(monkeypatch, props_matching.test_weight_matching_recovers_inverse_one_group)
     assert "misaligned" in str(err)
     assert_caught(monkeypatch, props_matching.test_weight_matching_recovers_inverse)
@@ -191,34 +215,30 @@ def test_d_matching_skips_a_group_caught_by_recovery(monkeypatch):
 
 def test_matching_ignores_init_caught_by_equivariance(monkeypatch):
     """Weight matching that always starts at the identity (``init`` dropped)."""
-    real = reference.matching._weight_matching_once
-
-    def from_identity(spec, a, b, seed, max_passes, init, keys):
-        return real(spec, a, b, seed, max_passes, None, keys)
-
-    monkeypatch.setattr(reference.matching, "_weight_matching_once", from_identity)
+    real = reference.matching.starting_permutation
+    monkeypatch.setattr(reference.matching, "starting_permutation", lambda spec, init: real(spec, None))
     assert_caught(monkeypatch, props_matching.test_weight_matching_equivariance)
 
 
 def test_matching_permutes_the_solved_axis_caught_by_history(monkeypatch):
-    """The similarity S_g computed with P_g already applied to θ_b (``_permute_except`` ignoring
+    """The similarity S_g computed with P_g already applied to θ_b (``permute_except`` ignoring
     the axis being solved): each step solves the wrong assignment."""
-    real = reference.matching._permute_except
+    real = reference.matching.permute_except
 
     def permute_all(spec, perm, key, w, skip):
         return real(spec, perm, key, w, -1)
 
-    monkeypatch.setattr(reference.matching, "_permute_except", permute_all)
+    monkeypatch.setattr(reference.matching, "permute_except", permute_all)
     assert_caught(monkeypatch, props_matching.test_weight_matching_objective_never_decreases)
 
 
 def test_lap_minimises_caught_by_activation_matching(monkeypatch):
-    """A sign error: the assignment minimises the correlation instead of maximising it."""
+    """A sign error: the default assignment solver minimises the correlation instead of maximising it."""
 
-    def minimise(cost, maximize=False):
-        return linear_sum_assignment(cost, maximize=not maximize)
+    def minimise(S):
+        return linear_sum_assignment(S, maximize=False)[1]
 
-    monkeypatch.setattr(reference.matching, "linear_sum_assignment", minimise)
+    monkeypatch.setitem(reference.matching.SOLVERS, "scipy", minimise)
     assert_caught(monkeypatch, props_matching.test_activation_matching_recovers_inverse_mlp)
 
 
@@ -270,13 +290,12 @@ def test_barrier_on_unpermuted_running_stats_caught(monkeypatch):
 # group-law mutants
 # ---------------------------------------------------------------------------------------------
 def test_compose_in_the_wrong_order_caught(monkeypatch):
-    """``P ∘ Q`` built as ``Q ∘ P`` (index p[q] instead of q[p])."""
+    """``P ∘ Q`` built as ``Q ∘ P`` (index p[q] instead of q[p]); ``P @ Q`` calls ``compose``."""
 
     def compose(self, other):
         return Permutation({g: self[g][other[g]] for g in self})
 
     monkeypatch.setattr(Permutation, "compose", compose)
-    monkeypatch.setattr(Permutation, "__matmul__", compose)
     assert_caught(monkeypatch, props_group.test_action_of_composition)
 
 
@@ -340,13 +359,16 @@ def test_combine_batch_reversed_coefficients_caught(monkeypatch):
 
 
 def test_trace_spec_without_residual_merge_caught(monkeypatch):
-    """Spec discovery that does not merge the channel spaces of an addition."""
+    """Spec discovery that does not merge the channel spaces of an addition: every target whose rule
+    is ``residual_add`` gets a rule that keeps the first operand's spaces only."""
 
-    def first_operand(self, n, result):
-        tensors = [a for a in reference.specs._tensor_nodes((n.args, n.kwargs)) if a in self.axes]
-        return list(self.axes[tensors[0]])
+    def first_operand(tracer, n, result):
+        return list(tracer.axes[tracer.tensor_inputs(n)[0]])
 
-    monkeypatch.setattr(reference.specs._SpecInterpreter, "_add", first_operand)
+    additions = [t for t, rule in reference.trace.RULES.items() if rule is reference.trace.residual_add]
+    assert len(additions) >= 2  # operator.add and friends
+    for target in additions:
+        monkeypatch.setitem(reference.trace.RULES, target, first_operand)
     assert_caught(monkeypatch, props_specs.test_traced_spec_has_the_hand_written_symmetry)
     assert_caught(monkeypatch, props_specs.test_traced_spec_preserves_the_function)
 
@@ -430,10 +452,10 @@ def test_mutant_universe_maps_composed_in_the_wrong_order(monkeypatch):
 def test_mutant_glue_never_identifies_caught(monkeypatch):
     """Gluing whose equivalence check never succeeds (every vertex its own class): caught by the
     gluing property (classes must be the models)."""
-    import reference.permuted_simplex as ps
+    import reference.glue
     from invariants import props_permuted_simplex
 
-    monkeypatch.setattr(ps, "_allclose", lambda a, b, rtol, atol: False)
+    monkeypatch.setattr(reference.glue, "same_point", lambda a, b, rtol, atol: False)
     assert_caught(monkeypatch, props_permuted_simplex.test_glue_identifies_exactly_the_equivalent_vertices,
                   max_examples=30)
 
@@ -441,15 +463,201 @@ def test_mutant_glue_never_identifies_caught(monkeypatch):
 def test_mutant_asymmetric_barycentric_grid_caught(monkeypatch):
     """A grid that misses the points with λ₁ > λ₂ (not symmetric under relabelling): caught by the
     relabelling-invariance property of the simplex barrier."""
-    import reference.permuted_simplex as ps
+    import reference.simplex_barrier
     from invariants import props_permuted_simplex
 
-    full = ps.barycentric_grid
+    full = reference.simplex_barrier.barycentric_grid
 
     def half(n, resolution):
         g = full(n, resolution)
         return g[(g[:, 0] <= g[:, 1]) | (g == 1).any(1)] if n > 1 else g
 
-    monkeypatch.setattr(ps, "barycentric_grid", half)
+    monkeypatch.setattr(reference.simplex_barrier, "barycentric_grid", half)
     assert_caught(monkeypatch, props_permuted_simplex.test_simplex_barrier_invariant_to_relabelling_vertices,
                   max_examples=30)
+
+
+# ---------------------------------------------------------------------------------------------
+# the seams themselves, and this file's use of them
+# ---------------------------------------------------------------------------------------------
+def _small_pair():
+    from reference.models import MLP
+
+    model = MLP(5, [6, 4], 3)
+    spec = reference.specs.spec_for(model)
+    gen = torch.Generator().manual_seed(0)
+    a, b = ({k: torch.randn(v.shape, generator=gen, dtype=torch.float64) for k, v in model.state_dict().items()}
+            for _ in range(2))
+    return spec, a, b
+
+
+def test_solver_registry_is_read_at_call_time(monkeypatch):
+    """``solve_lap`` / ``weight_matching`` / ``activation_matching`` find ``SOLVERS["scipy"]`` when
+    they run; ``solver=`` takes a name or a callable; every assignment (within blocks, of blocks)
+    goes through the solver."""
+    m = reference.matching
+    calls: list[tuple[int, ...]] = []
+
+    def counting(S):
+        calls.append(S.shape)
+        return m.scipy_solver(S)
+
+    gen = torch.Generator().manual_seed(1)
+    S6 = torch.randn(6, 6, generator=gen, dtype=torch.float64)
+    expected = m.solve_lap(S6)
+    expected_blocks = m.solve_lap(S6, block=3)
+    monkeypatch.setitem(m.SOLVERS, "scipy", counting)
+    assert torch.equal(m.solve_lap(S6), expected) and calls == [(6, 6)]
+    calls.clear()
+    assert torch.equal(m.solve_lap(S6, 3), expected_blocks) and calls == [(3, 3)] * 4 + [(2, 2)]
+
+    spec, a, b = _small_pair()
+    calls.clear()
+    default = m.weight_matching(spec, a, b, seed=2)
+    assert len(calls) >= len(spec.sizes)
+    monkeypatch.setitem(m.SOLVERS, "scipy", m.scipy_solver)
+    monkeypatch.setitem(m.SOLVERS, "counting", counting)
+    calls.clear()
+    named = m.weight_matching(spec, a, b, seed=2, solver="counting")
+    assert named.perm == default.perm and named.history == default.history and calls
+    calls.clear()
+    assert m.weight_matching(spec, a, b, seed=2, solver=counting).history == default.history and calls
+    with pytest.raises(ValueError, match="unknown solver"):
+        m.solve_lap(S6, solver="nope")
+    with pytest.raises(TypeError, match="solver"):
+        m.weight_matching(spec, a, b, solver=3)
+    with pytest.raises(ValueError, match="does not divide"):
+        m.solve_lap(S6, block=4)
+
+
+def test_group_order_draws_one_numpy_permutation_per_pass():
+    """The visiting order is ``rng.permutation(len(groups))`` (the draws of the seeded orders)."""
+    names = ["P_0", "P_1", "P_2", "P_3", "P_4"]
+    mine, ref = numpy.random.default_rng(3), numpy.random.default_rng(3)
+    for _ in range(4):
+        assert reference.matching.group_order(names, mine) == [names[i] for i in ref.permutation(len(names))]
+
+
+def test_weight_matching_reads_its_pieces_at_call_time(monkeypatch):
+    """One ``starting_permutation`` per restart, one ``group_order`` per pass, ``permute_except`` for
+    every entry of every visited group: all found in ``reference.matching`` when they run."""
+    m = reference.matching
+    spec, a, b = _small_pair()
+    init = Permutation.random(spec, 4)
+    seen: dict[str, int] = {"start": 0, "order": 0, "except": 0}
+    real_start, real_order, real_except = m.starting_permutation, m.group_order, m.permute_except
+
+    def start(spec_, init_):
+        assert init_ is init
+        seen["start"] += 1
+        return real_start(spec_, init_)
+
+    def order(groups, rng):
+        seen["order"] += 1
+        return real_order(groups, rng)
+
+    def permute(*args):
+        seen["except"] += 1
+        return real_except(*args)
+
+    monkeypatch.setattr(m, "starting_permutation", start)
+    monkeypatch.setattr(m, "group_order", order)
+    monkeypatch.setattr(m, "permute_except", permute)
+    r = m.weight_matching(spec, a, b, seed=5, restarts=2, init=init)
+    passes = sum(len(x.history) - 1 for x in r.restarts)
+    assert seen["start"] == 2 and seen["order"] == passes
+    assert seen["except"] == passes * sum(len(members) for members in spec.groups.values())
+
+
+def test_starting_permutation_and_permute_except():
+    m = reference.matching
+    spec, a, b = _small_pair()
+    P = Permutation.random(spec, 7)
+    start = m.starting_permutation(spec, P)
+    assert Permutation(start, spec) == P
+    start["P_0"][:] = 0  # a copy: the caller may update it
+    assert Permutation(m.starting_permutation(spec, P), spec) == P
+    assert Permutation(m.starting_permutation(spec, None), spec).is_identity()
+    with pytest.raises(ValueError):
+        m.starting_permutation(spec, Permutation({"P_0": torch.arange(6)}))
+    moved = P.apply(spec, b)
+    for k in b:
+        assert torch.equal(m.permute_except(spec, P, k, b[k], -1), moved[k])
+    w = m.permute_except(spec, P, "layers.1.weight", b["layers.1.weight"], 0)
+    assert torch.equal(w, b["layers.1.weight"].index_select(1, P["P_0"]))
+
+
+_PENDING_REWRITE: set[str] = set()  # tests exempt from the check below (none)
+_PATCHING_CALLS = {"setattr", "delattr", "getattr", "setitem", "delitem", "patch", "object"}
+_INTERNAL = "_hypothesis" + "_internal"
+
+
+def private_uses(source: str, skip: set[str] = frozenset()) -> list[str]:
+    """Where ``source`` reaches a private name: an attribute ``x._name`` (dunders other than
+    ``__dict__`` excepted), a name starting with ``_`` passed as a string to setattr / getattr /
+    monkeypatch.setattr / patch / setitem (dunders included), ``vars(...)``, an import of a ``_`` name,
+    or hypothesis' ``_hypothesis_internal`` attributes in any form. Top-level functions in ``skip``
+    are not read."""
+    found: list[str] = []
+
+    def private(part: str, dunders: bool) -> bool:
+        if part == "__dict__":
+            return True
+        return part.startswith("_") and (dunders or not (part.startswith("__") and part.endswith("__")))
+
+    tree = ast.parse(source)
+    body = [n for n in tree.body if not (isinstance(n, ast.FunctionDef) and n.name in skip)]
+    nodes = [n for top in body for n in ast.walk(top)]
+    docstrings = {id(n.value) for n in nodes if isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)}
+    for node in nodes:
+        where = f"line {getattr(node, 'lineno', '?')}"
+        if isinstance(node, ast.Attribute) and private(node.attr, dunders=False):
+            found.append(f"{where}: attribute {node.attr}")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and _INTERNAL in node.value:
+            if id(node) not in docstrings:
+                found.append(f"{where}: string {node.value!r}")
+        elif isinstance(node, ast.ImportFrom):
+            modules = [p for p in (node.module or "").split(".") if private(p, dunders=False)]
+            names = [a.name for a in node.names if private(a.name, dunders=True)]
+            found += [f"{where}: import {p}" for p in modules + names]
+        elif isinstance(node, ast.Call):
+            fn = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+            if fn == "vars":
+                found.append(f"{where}: vars()")
+            if fn in _PATCHING_CALLS:
+                for arg in node.args:
+                    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                        found += [f"{where}: {fn} {p}" for p in arg.value.split(".") if private(p, dunders=True)]
+    return found
+
+
+def test_private_uses_finds_the_old_seams():
+    """The checker flags the patches this file used to make."""
+    old = (
+        "import reference.matching as m\n"
+        "def t(monkeypatch, prop):\n"
+        "    monkeypatch.setattr(reference.matching, '_weight_matching_once', f)\n"
+        "    monkeypatch.setattr(reference.specs._SpecInterpreter, 'run', f)\n"
+        "    monkeypatch.setattr('reference.matching._permute_except', f)\n"
+        "    monkeypatch.setattr(Permutation, '__matmul__', f)\n"
+        "    monkeypatch.setitem(vars(m), 'np', f)\n"
+        f"    monkeypatch.setattr(prop, '{_INTERNAL}_use_settings', s)\n"
+        f"    prop.{_INTERNAL}_use_settings = s\n"
+        f"    key = '{_INTERNAL}_use_settings'\n"
+        "from reference.matching import _validate_pair\n"
+        "from reference._private import spec\n"
+    )
+    found = private_uses(old)
+    for what in ("_weight_matching_once", "_SpecInterpreter", "_permute_except", "__matmul__", "vars()",
+                 "_validate_pair", "import _private", f"attribute {_INTERNAL}_use_settings",
+                 f"setattr {_INTERNAL}_use_settings", f"string '{_INTERNAL}_use_settings'"):
+        assert any(what in f for f in found), (what, found)
+    fine = "from __future__ import annotations\nx.__name__\nmonkeypatch.setattr(reference.matching, 'group_order', f)\n"
+    assert private_uses(f'"""A docstring may say {_INTERNAL}."""\n' + fine) == []
+
+
+def test_mutation_tests_use_public_seams_only():
+    """This file plants its mutants through public names only, and drives hypothesis through its
+    public API only (no ``_hypothesis_internal`` attributes)."""
+    source = Path(__file__).read_text(encoding="utf-8")
+    assert private_uses(source, _PENDING_REWRITE) == []
