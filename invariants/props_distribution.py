@@ -7,7 +7,9 @@ Generated: dense ReLU MLPs with 1–3 hidden layers of uneven widths, bias on or
 (general position), float64 everywhere, so the exact properties hold to round-off. WA's output
 preservation is exact when the least-squares system is solvable; the generated fitting sets have at
 most half as many inputs as the narrowest hidden layer, so ``[h, 1]`` has full row rank.
-Functions are looked up as ``reference.distribution.<name>`` at call time.
+The network is read through its ``PermutationSpec`` (``spec_for``); network functions are the model's
+own forward pass (``functional_call``). Functions are looked up as ``reference.distribution.<name>`` at
+call time.
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from hypothesis import strategies as st
 
 import reference.distribution as RD
 from reference.models import build_model
+from reference.permutation import Permutation
+from reference.specs import spec_for
+
+from .support import assert_same_function, forward
 
 _TOL = {"rtol": 1e-9, "atol": 1e-9}
 
@@ -43,9 +49,10 @@ def mlps(draw: st.DrawFn, min_depth: int = 1, max_depth: int = 3, min_width: int
 def _solvable(case) -> bool:
     """Every hidden feature matrix of both endpoints (``[h, 1]`` with a bias) has full row rank:
     WA's least-squares systems are then solvable (a dead input row would otherwise block a fit)."""
-    _, a, b, x = case
+    model, a, b, x = case
+    chain = RD.dense_chain(spec_for(model))
     for p in (a, b):
-        layers = RD.mlp_layers(p)
+        layers = chain.layers(p)
         for k, h in enumerate(RD.hidden_features(layers, x)[1:], start=1):
             F = h if layers[k][1] is None else torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], 1)
             if int(torch.linalg.matrix_rank(F)) < h.shape[0]:
@@ -53,8 +60,8 @@ def _solvable(case) -> bool:
     return True
 
 
-def _logits(p, x):
-    return RD.forward_layers(RD.mlp_layers(p), x)
+def _logits(model, p, x):
+    return forward(model, p, x, train=False)
 
 
 def _point(stacked, i):
@@ -93,8 +100,9 @@ def test_weight_adjustment_preserves_outputs(case, data: st.DataObject) -> None:
     """WA: (W̃, b̃) = argmin ‖W̃ f_to + b̃ − (W f_from + b)‖²; with ``[f_to, 1]`` of full row rank the
     layer's outputs on the fitting inputs are reproduced exactly, and f_to = f_from returns the layer."""
     assume(_solvable(case))
-    _, a, b, x = case
-    la, lb = RD.mlp_layers(a), RD.mlp_layers(b)
+    model, a, b, x = case
+    chain = RD.dense_chain(spec_for(model))
+    la, lb = chain.layers(a), chain.layers(b)
     k = data.draw(st.integers(1, len(la) - 1))
     fa, fb = RD.hidden_features(la, x)[k], RD.hidden_features(lb, x)[k]
     adj = RD.adjust_layer(la[k], fa, fb)
@@ -111,20 +119,20 @@ def test_wa_path_keeps_network_one_output(case, method: str) -> None:
     the network's output on the fitting inputs equal to θ¹'s (exact fits, so no drift between
     segments); the path is continuous at segment ends and ends at θ² (OT: at π(θ²), same function)."""
     assume(_solvable(case))
-    _, a, b, x = case
+    model, a, b, x = case
     path = RD.connection_path(method, a, b, x)
-    target = _logits(a, x)
+    target = _logits(model, a, x)
     for seg in range(path.segments - 1):
         pts = path.segment_points(seg, [0.0, 0.3, 0.7, 1.0])
         for i in range(4):
             # exactness needs the re-solved layer's (seg + 1) input features to have full row rank at this
             # point too, not only at the endpoints: an interpolated layer can switch every unit off
             # (found by the thorough profile with one fitting input)
-            layers = RD.mlp_layers(_point(pts, i))
+            layers = path.chain.layers(_point(pts, i))
             h = RD.hidden_features(layers, x)[seg + 1]
             F = h if layers[seg + 1][1] is None else torch.cat([h, torch.ones(h.shape[0], 1, dtype=h.dtype)], 1)
             assume(int(torch.linalg.matrix_rank(F)) == h.shape[0])
-            torch.testing.assert_close(_logits(_point(pts, i), x), target, rtol=1e-7, atol=1e-7)
+            torch.testing.assert_close(_logits(model, _point(pts, i), x), target, rtol=1e-7, atol=1e-7)
     for seg in range(path.segments - 1):
         end, start = path.segment_points(seg, [1.0]), path.segment_points(seg + 1, [0.0])
         for k in end:
@@ -132,25 +140,29 @@ def test_wa_path_keeps_network_one_output(case, method: str) -> None:
     last = _point(path.points([float(path.segments)]), 0)
     for k in a:
         torch.testing.assert_close(last[k], path.end[k], **_TOL)
-    torch.testing.assert_close(_logits(path.end, x), _logits(b, x), **_TOL)
+    torch.testing.assert_close(_logits(model, path.end, x), _logits(model, b, x), **_TOL)
 
 
 @given(case=mlps(min_depth=1), method=st.sampled_from(["OT", "OT + B-fly", "Linear + B-fly", "Arc + B-fly"]))
 def test_stepwise_paths_start_at_theta1_and_end_at_theta2_function(case, method: str) -> None:
     """B-fly / OT paths: φ(0) = θ¹, φ(end) = π(θ²) with f(π(θ²), x) = f(θ², x) (the permutation
     symmetry of hidden units), and consecutive pieces meet."""
-    _, a, b, x = case
+    model, a, b, x = case
     path = RD.connection_path(method, a, b, x)
     tau = torch.tensor([0.0, float(path.segments)])
     pts = path.points(tau)
     for k in a:
         torch.testing.assert_close(pts[k][0], a[k], **_TOL)
         torch.testing.assert_close(pts[k][1], path.end[k], **_TOL)
-    torch.testing.assert_close(_logits(path.end, x), _logits(b, x), **_TOL)
+    torch.testing.assert_close(_logits(model, path.end, x), _logits(model, b, x), **_TOL)
     for seg in range(path.segments - 1):
         end, start = path.segment_points(seg, [1.0]), path.segment_points(seg + 1, [0.0])
         for k in end:
             torch.testing.assert_close(end[k], start[k], **_TOL)
+    for seg in range(path.segments):  # piece ℓ moves group ℓ's writer and reader only
+        pts = path.segment_points(seg, [0.0, 0.5, 1.0])
+        for k in set(a) - set(path.moved_keys(seg)):
+            assert all(torch.equal(pts[k][i], pts[k][0]) for i in (1, 2)), (seg, k)
 
 
 @given(n=st.integers(1, 9), d=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
@@ -164,16 +176,61 @@ def test_ot_pairing_recovers_a_relabelling(n: int, d: int, seed: int) -> None:
     torch.testing.assert_close(s1[sigma][perm], s1, rtol=0, atol=0)
 
 
+@given(case=mlps(min_depth=1), method=st.sampled_from(["OT", "OT + WA"]))
+def test_ot_step_is_a_permutation_of_the_spec_that_keeps_the_function(case, method: str) -> None:
+    """The OT methods' relabelling of θ² is a ``Permutation`` π of the model's spec (Eq. (1) of Ainsworth
+    et al. 2023: f(π(θ), x) = f(θ, x)): ``Permutation(π, spec)`` accepts it, ``π.apply(spec, θ²)`` is the
+    path's end exactly, ``ot_permutation`` returns the same π, and the end computes θ²'s function."""
+    model, a, b, x = case
+    spec = spec_for(model)
+    path = RD.connection_path(method, a, b, x)
+    pi = path.permutation
+    assert isinstance(pi, Permutation)
+    Permutation(pi.to_dict(), spec)  # a bijection of every group of the spec, of the group's size
+    assert set(pi.keys()) == set(spec.sizes) == set(path.chain.groups)
+    moved = pi.apply(spec, b)
+    for k in a:
+        torch.testing.assert_close(moved[k], path.end[k], rtol=0, atol=0)
+    mode = "butterfly" if method == "OT" else "wa"
+    assert RD.ot_permutation(a, b, x, mode) == pi
+    assert_same_function(_logits(model, path.end, x), _logits(model, b, x), f"{method} end vs θ²")
+
+
 @given(case=mlps(min_depth=1), data=st.data())
-def test_permute_hidden_preserves_function(case, data: st.DataObject) -> None:
-    """Permutation symmetry of dense ReLU nets: relabelling hidden layer k's units (rows of W_k, b_k,
-    columns of W_{k+1}) leaves the outputs unchanged."""
-    _, a, _, x = case
-    layers = RD.mlp_layers(a)
-    k = data.draw(st.integers(0, len(layers) - 2))
-    perm = torch.randperm(layers[k][0].shape[0], generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
-    torch.testing.assert_close(RD.forward_layers(RD.permute_hidden(layers, k, perm), x),
-                               RD.forward_layers(layers, x), **_TOL)
+def test_one_group_permutation_keeps_function(case, data: st.DataObject) -> None:
+    """Permutation symmetry of dense ReLU nets, one hidden group at a time (the OT step's building block,
+    ``DenseChain.permutation``): relabelling group ℓ (rows of W_ℓ, b_ℓ, columns of W_{ℓ+1}) reindexes
+    exactly the tensors ``spec.groups[P_ℓ]`` names and leaves the outputs unchanged."""
+    model, a, _, x = case
+    chain = RD.dense_chain(spec_for(model))
+    ell = data.draw(st.integers(0, len(chain.groups) - 1))
+    group = chain.groups[ell]
+    n = chain.spec.sizes[group]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 99))))
+    step = chain.permutation(ell, perm)
+    assert all(v == 0 for g, v in step.num_moved().items() if g != group)
+    q = step.apply(chain.spec, a)
+    touched = {k for k, _ in chain.spec.groups[group]}
+    assert touched == {chain.weights[ell], chain.weights[ell + 1]} | ({chain.biases[ell]} - {None})
+    for k in set(a) - touched:
+        assert torch.equal(q[k], a[k])
+    torch.testing.assert_close(q[chain.weights[ell]], a[chain.weights[ell]][perm], rtol=0, atol=0)
+    torch.testing.assert_close(q[chain.weights[ell + 1]], a[chain.weights[ell + 1]][:, perm], rtol=0, atol=0)
+    assert_same_function(_logits(model, q, x), _logits(model, a, x), f"group {group}")
+
+
+@given(case=mlps(min_depth=1), seed=st.integers(0, 2**31 - 1))
+def test_ot_wa_undoes_a_planted_relabelling(case, seed: int) -> None:
+    """OT + WA between θ¹ and a relabelled copy σ(θ¹) (σ a random ``Permutation`` of the spec): group
+    after group the incoming samples of σ(θ¹) are a reordering of θ¹'s, so OT finds π = σ⁻¹ and the
+    path ends exactly at θ¹."""
+    model, a, _, x = case
+    spec = spec_for(model)
+    sigma = Permutation.random(spec, seed)
+    path = RD.connection_path("OT + WA", a, sigma.apply(spec, a), x)
+    assert path.permutation == sigma.inverse()
+    for k in a:
+        torch.testing.assert_close(path.end[k], a[k], rtol=0, atol=0)
 
 
 @given(case=mlps(min_depth=2), data=st.data())
@@ -181,14 +238,15 @@ def test_wa_ensemble_members_share_trunk_and_keep_outputs(case, data: st.DataObj
     """WA(n) ensembling (§6): member j = base's first D − n layers, then network j's layers with the
     first re-solved; on the fitting inputs (exact fit) each member reproduces network j's output."""
     assume(_solvable(case))
-    _, a, b, x = case
-    D = len(RD.mlp_layers(a))
+    model, a, b, x = case
+    chain = RD.dense_chain(spec_for(model))
+    D = chain.depth
     n = data.draw(st.integers(1, D - 1))
     members = RD.wa_ensemble(a, [b], x, n)
     assert len(members) == 2
     for k in a:
         torch.testing.assert_close(members[0][k], a[k], rtol=0, atol=0)
-    lm, la = RD.mlp_layers(members[1]), RD.mlp_layers(a)
+    lm, la = chain.layers(members[1]), chain.layers(a)
     for i in range(D - n):
         torch.testing.assert_close(lm[i][0], la[i][0], rtol=0, atol=0)
-    torch.testing.assert_close(_logits(members[1], x), _logits(b, x), rtol=1e-7, atol=1e-7)
+    torch.testing.assert_close(_logits(model, members[1], x), _logits(model, b, x), rtol=1e-7, atol=1e-7)

@@ -1,10 +1,17 @@
 """Distribution-based low-loss connectors of Anokhin & Yarotsky 2020 (ICML; arXiv 2008.00741), dense ReLU nets.
 
-A dense ReLU network (``reference.models.MLP``) is a list of D affine layers ``(W_k, b_k)``,
-``h_{k+1} = relu(W_k h_k + b_k)`` for the hidden layers and logits ``W_{D-1} h_{D-1} + b_{D-1}``; the
-hidden units of layer k are *samples* of a distribution (their incoming weights ``[W_k | b_k]`` row by
-row, their outgoing weights column by column of ``W_{k+1}``). A connector proposes points between the
-endpoints θ¹ and θ² and joins consecutive points by one of two curves of the paper (``connect``):
+The network is read from its ``PermutationSpec`` (``dense_chain``; for a ``reference.models.MLP`` point
+given as bare params, the spec of ``reference.specs.spec_for(MLP(...))``): a chain of D affine layers
+``(W_ℓ, b_ℓ)``, ``h_{ℓ+1} = relu(W_ℓ h_ℓ + b_ℓ)`` and logits ``W_{D-1} h_{D-1} + b_{D-1}``, whose hidden
+units form the spec's permutation groups: group ℓ (``DenseChain.groups[ℓ]``, ``P_ℓ`` for the MLP) is
+written by layer ℓ (the out-axis of ``W_ℓ`` and ``b_ℓ``) and read by layer ℓ + 1 (the in-axis of
+``W_{ℓ+1}``). The units of group ℓ are *samples* of a distribution: each is its slice of every tensor the
+group acts on (``unit_samples``; row i of ``[W_ℓ | b_ℓ | W_{ℓ+1}ᵀ]``). Specs the connectors cannot
+read this way are refused with a ``ValueError`` naming the key or group: residual streams (a group
+written by several layers), branches, convolutions, normalisation layers and buffers.
+
+A connector proposes points between the endpoints θ¹ and θ² and joins consecutive points by one of two
+curves of the paper (``connect``):
 
 - Eq. (5), ``lin``: s(t) = (1 − t) s¹ + t s²;
 - Eq. (6), ``arc``: s(t) = m + cos(πt/2) (s¹ − m) + sin(πt/2) (s² − m), with m the mean of the pooled
@@ -15,36 +22,40 @@ Point finders (the names of the paper's Tables 1 and 2; ``METHODS``). For a one-
 (D = 2, Table 1) the stepwise procedures reduce to the paper's one-layer methods:
 
 - ``Linear``: the straight line θ¹ → θ² (Eq. 5 on every tensor); one segment.
-- ``Arc``: Eq. (6) on every hidden layer with its units as samples (rows of ``[W_k | b_k]``), on the
-  head's weight with the last hidden units as samples (its columns) and on the head bias (one sample
-  per endpoint, m = the midpoint). For D = 2 this is the paper's one-layer Arc (samples
-  ``[a_n, b_n, c_n]``); for D > 2 the authors' code arcs the head over its rows (classes) instead.
+- ``Arc``: Eq. (6) on every hidden group with its units as samples on the layer writing it (rows of
+  ``[W_ℓ | b_ℓ]``), on the head's weight with the last group's units as samples (its columns) and on
+  the head bias (one sample per endpoint, m = the midpoint). For D = 2 this is the paper's one-layer Arc
+  (samples ``[a_n, b_n, c_n]``); for D > 2 the authors' code arcs the head over its rows (classes) instead.
 - ``Linear + WA`` / ``Arc + WA`` (weight adjustment, stepwise; D segments). ``adjust_layer`` re-solves
   a layer by least squares on the fitting inputs x so that it reads other features and keeps its
-  outputs. Segment ℓ < D − 1 starts at (θ²_0..θ²_{ℓ-1}, adj_ℓ, θ¹_{ℓ+1}, …) (adj_0 = θ¹_0), moves
-  layer ℓ from adj_ℓ to θ²_ℓ (Eq. 5 / 6) and re-solves layer ℓ + 1 at every t, so that the network's
-  output on x stays that of the segment's start (≈ θ¹'s); it ends with layer ℓ + 1 = adj_{ℓ+1}, the
-  re-solved θ¹_{ℓ+1} reading θ²'s features. The last segment moves the head from adj_{D-1} to θ²'s.
+  outputs. Segment ℓ < D − 1 moves group ℓ's units: it starts at (θ²_0..θ²_{ℓ-1}, adj_ℓ, θ¹_{ℓ+1}, …)
+  (adj_0 = θ¹_0), moves layer ℓ (the writer of group ℓ) from adj_ℓ to θ²_ℓ (Eq. 5 / 6) and re-solves
+  layer ℓ + 1 (its reader) at every t, so that the network's output on x stays that of the segment's
+  start (≈ θ¹'s); it ends with layer ℓ + 1 = adj_{ℓ+1}, the re-solved θ¹_{ℓ+1} reading θ²'s units of
+  group ℓ. The last segment moves the head from adj_{D-1} to θ²'s.
   (The authors' code fits every re-solved layer to θ¹'s own pre-activations, which leaves the path
   discontinuous at segment ends where the fit is inexact, fits ``W`` only and takes the minimum-norm
   solution; we fit to the segment start's pre-activations, ``[W | b]`` jointly on ``[h, 1]``, with the
   solution closest to the layer being re-solved, so the path is continuous.)
 - ``Linear + B-fly`` / ``Arc + B-fly`` (stepwise "butterfly"; D − 1 segments): adjusted layers
   adj_k = WA(θ¹_k: h¹_k → h²_k), computed once (adj_0 = θ¹_0, adj_{D-1} = θ²_{D-1}); segment ℓ moves
-  layer ℓ from adj_ℓ to θ²_ℓ (units as samples) and layer ℓ + 1 from θ¹_{ℓ+1} to adj_{ℓ+1} (its input
-  units as samples) at the same time, with no re-solving along t.
-- ``OT`` (= ``OT + B-fly``) and ``OT + WA``: before the butterfly / WA path, the hidden units of θ² are
-  paired with those of θ¹ layer by layer by optimal transport between the two empirical distributions
-  of unit samples (squared Euclidean cost, uniform weights; ``ot_pairing``), and θ² is permuted
-  accordingly (a function-preserving relabelling); the path then uses Eq. (5) and ends at π(θ²),
-  which computes the same function as θ². For D = 2, ``OT`` pairs ``[a_n, b_n, c_n]`` (Table 1's OT)
-  and ``OT + WA`` pairs the incoming ``[a_n, b_n]``. (The authors' stepwise code permutes inside each
+  group ℓ's units on both sides at the same time: its writer, layer ℓ, from adj_ℓ to θ²_ℓ (units as
+  rows) and its reader, layer ℓ + 1, from θ¹_{ℓ+1} to adj_{ℓ+1} (units as columns), with no re-solving
+  along t.
+- ``OT`` (= ``OT + B-fly``) and ``OT + WA``: before the butterfly / WA path, the units of θ²'s group ℓ
+  are paired with θ¹'s, group after group, by optimal transport between the two empirical distributions
+  of unit samples (squared Euclidean cost, uniform weights; ``ot_pairing``). Each pairing is a
+  ``Permutation`` of the spec moving that group alone, applied to θ² with ``Permutation.apply`` (every
+  tensor the group touches is reindexed: a function-preserving relabelling); their composition is
+  ``ConnectionPath.permutation`` (``ot_permutation``). The path then uses Eq. (5) and ends at
+  P(θ²), which computes the same function as θ². For D = 2, ``OT`` pairs ``[a_n, b_n, c_n]`` (Table 1's
+  OT) and ``OT + WA`` pairs the incoming ``[a_n, b_n]``. (The authors' stepwise code permutes inside each
   segment, so its path jumps between equivalent networks at segment ends; aligning θ² first gives the
   same points up to those relabellings and a continuous path.)
 
-WA ensembling (paper §6, ``wa_ensemble``): members share the first D − n layers of a base network;
-member j keeps its own last n layers, the first of which is weight-adjusted to read the base's
-features. WA(n) ensembles average the members' probabilities.
+WA ensembling (paper §6, ``wa_ensemble``): members share the first D − n layers of a base network, up
+to hidden group D − n − 1; member j keeps its own last n layers, the first of which (the reader of that
+group) is weight-adjusted to read the base's units.
 
 Everything is computed in float64 and returned in the endpoints' dtype and device; inputs are never
 modified.
@@ -60,24 +71,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .models import MLP
 from .params import Params, stack
+from .permutation import Permutation, PermutationSpec
+from .specs import spec_for
+from .validate import ArgumentTypeError, choice, integer
 
 __all__ = [
     "CONNECT",
     "METHODS",
     "Layer",
+    "DenseChain",
+    "dense_chain",
     "ConnectionPath",
-    "mlp_layers",
-    "layers_to_params",
     "hidden_features",
     "forward_layers",
     "lin_connect",
     "arc_connect",
     "connect",
+    "unit_samples",
     "ot_pairing",
-    "permute_hidden",
     "adjust_layer",
-    "ot_align",
+    "ot_permutation",
     "connection_path",
     "wa_ensemble",
 ]
@@ -100,76 +115,176 @@ METHODS: dict[str, tuple[str, str]] = {
     "OT + WA": ("ot_wa", "lin"),
 }
 
-_HIDDEN = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
+_UNSUPPORTED = "the distribution connectors take chains of dense layers with ReLU between them"
 
 
 # ---------------------------------------------------------------------------------------------
-# Params <-> layers
+# the network as a chain of dense layers, read from its PermutationSpec
 # ---------------------------------------------------------------------------------------------
-def mlp_layers(params: Mapping[str, Tensor]) -> list[Layer]:
-    """The layers ``[(W_0, b_0), …, (W_{D-1}, b_{D-1})]`` of a ``reference.models.MLP`` point (head last).
-
-    Keys: ``layers.{i}.weight``, ``layers.{i}.bias`` (optional), ``head.weight``, ``head.bias``
-    (optional). Raises ``ValueError`` for other keys (e.g. LayerNorm ``norms.*``), a missing head, or
-    shapes that do not chain.
+@dataclass(frozen=True)
+class DenseChain:
+    """A dense ReLU network as its ``spec`` describes it: layer ℓ is ``(weights[ℓ], biases[ℓ])`` (input
+    layer first, head last; a bias key is ``None`` for a bias-free layer), and hidden group ℓ,
+    ``groups[ℓ]``, holds the units layer ℓ writes (out-axis of its weight, its bias) and layer ℓ + 1
+    reads (in-axis of its weight). Built (and validated) by ``dense_chain``.
     """
+
+    spec: PermutationSpec
+    weights: tuple[str, ...]
+    biases: tuple[str | None, ...]
+    groups: tuple[str, ...]
+
+    @property
+    def depth(self) -> int:
+        """D, the number of affine layers (hidden groups + 1)."""
+        return len(self.weights)
+
+    def layer_keys(self, ell: int) -> tuple[str, ...]:
+        """The keys of layer ℓ (weight, then bias if any)."""
+        b = self.biases[ell]
+        return (self.weights[ell],) if b is None else (self.weights[ell], b)
+
+    def layers(self, params: Mapping[str, Tensor], what: str = "params") -> list[Layer]:
+        """``[(W_0, b_0), …, (W_{D-1}, b_{D-1})]`` of ``params`` (a point of ``spec``; no copies)."""
+        _check_point(params, what)
+        try:
+            self.spec.check_params(params)
+        except ValueError as e:
+            raise ValueError(f"{what} do not fit the spec: {e}") from e
+        return [(params[w], None if b is None else params[b]) for w, b in zip(self.weights, self.biases, strict=True)]
+
+    def as_params(self, layers: Sequence[Layer]) -> Params:
+        """The point ``{key: tensor}`` of ``layers`` (the inverse of ``layers``; no copies, no casts)."""
+        if len(layers) != self.depth:
+            raise ValueError(f"{len(layers)} layers given, the chain has {self.depth}")
+        out: Params = {}
+        for ell, (W, b) in enumerate(layers):
+            out[self.weights[ell]] = W
+            key = self.biases[ell]
+            if key is not None:
+                if b is None:
+                    raise ValueError(f"layer {ell} has no bias, the spec has {key!r}")
+                out[key] = b
+        return out
+
+    def to_params(self, layers: Sequence[Layer], like: Mapping[str, Tensor]) -> Params:
+        """``as_params(layers)`` under the keys of ``like``, cast to ``like``'s dtypes and devices."""
+        out = self.as_params(layers)
+        for k, v in out.items():
+            if v.shape != like[k].shape:
+                raise ValueError(f"{k} has shape {tuple(v.shape)}, expected {tuple(like[k].shape)}")
+        return {k: out[k].to(dtype=like[k].dtype, device=like[k].device) for k in like}
+
+    def permutation(self, ell: int, perm: Tensor) -> Permutation:
+        """The ``Permutation`` of the spec that relabels group ℓ's units by ``perm`` (new unit i = old
+        unit ``perm[i]``) and leaves every other group alone."""
+        if not 0 <= ell < len(self.groups):
+            raise ValueError(f"hidden group index {ell} out of range 0..{len(self.groups) - 1}")
+        p = {g: torch.arange(n) for g, n in self.spec.sizes.items()}
+        p[self.groups[ell]] = torch.as_tensor(perm).cpu()
+        return Permutation(p, self.spec)
+
+
+def dense_chain(spec: PermutationSpec) -> DenseChain:
+    """Read ``spec`` as a chain of dense layers, or raise ``ValueError`` saying why it is not one.
+
+    Accepted: 2-D weights ``[out, in]`` with groups ``(out, in)``, each with an optional 1-D bias
+    ``<prefix>.bias`` of its ``<prefix>.weight`` acting on its out group; exactly one layer reads the
+    input (in-axis not permuted), every group is written by one layer and read by the next one, and the
+    last layer (the head) writes the output (out-axis not permuted). Refused: a group written by several
+    layers (a residual stream: outputs added together), read by several (a branch), convolutions, and
+    any other key (normalisation layers, buffers). The spec says which tensors touch which units, not
+    which nonlinearity the model applies: ReLU between the layers is assumed (as in ``MLP``).
+    """
+    if not isinstance(spec, PermutationSpec):
+        raise ArgumentTypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    axes, shapes = spec.axes, spec.shapes
+    writers: dict[str, list[str]] = {}
+    readers: dict[str, list[str]] = {}
+    for k, gs in axes.items():
+        if len(gs) >= 2:
+            if gs[0] is not None:
+                writers.setdefault(gs[0], []).append(k)
+            for g in gs[1:]:
+                if g is not None:
+                    readers.setdefault(g, []).append(k)
+    for g, ks in writers.items():
+        if len(ks) > 1:
+            raise ValueError(f"group {g!r} is written by several layers {ks}: a residual stream (their outputs "
+                             f"are added); {_UNSUPPORTED}, whose every hidden group one layer writes")
+    for g, ks in readers.items():
+        if len(ks) > 1:
+            raise ValueError(f"group {g!r} is read by several tensors {ks} (a branch, or a group on several axes); "
+                             f"{_UNSUPPORTED}")
+    layer_keys = [k for k, s in shapes.items() if len(s) >= 2]
+    for k in layer_keys:
+        if len(shapes[k]) != 2:
+            raise ValueError(f"key {k!r} has shape {shapes[k]}: a convolution; {_UNSUPPORTED} (weights [out, in])")
+    bias_of: dict[str, str] = {}
+    for k, s in shapes.items():
+        if len(s) >= 2:
+            continue
+        w = k[: -len("bias")] + "weight" if k.endswith(".bias") else None
+        if len(s) != 1 or w not in layer_keys or axes[k][0] != axes[w][0]:
+            raise ValueError(f"key {k!r} (shape {s}) is not the bias of a dense layer: {_UNSUPPORTED} "
+                             f"(no normalisation layers or buffers)")
+        bias_of[w] = k
+    inputs = [k for k in layer_keys if axes[k][1] is None]
+    if len(inputs) != 1:
+        raise ValueError(f"expected exactly one layer reading the input (in-axis not permuted), got {inputs}")
+    order, groups = [inputs[0]], []
+    while (g := axes[order[-1]][0]) is not None:
+        nxt = readers.get(g)
+        if not nxt:
+            raise ValueError(f"group {g!r} is written by {order[-1]!r} and read by no layer; {_UNSUPPORTED}")
+        if nxt[0] in order:
+            raise ValueError(f"group {g!r} is read by {nxt[0]!r}, which comes before it: a cycle")
+        groups.append(g)
+        order.append(nxt[0])
+    off = [k for k in layer_keys if k not in order]
+    if off:
+        raise ValueError(f"layers {off} are not on the chain from the input to the output {order}; {_UNSUPPORTED}")
+    return DenseChain(spec, tuple(order), tuple(bias_of.get(w) for w in order), tuple(groups))
+
+
+_HIDDEN = re.compile(r"^layers\.(\d+)\.weight$")
+
+
+def _check_point(params: Mapping[str, Tensor], what: str) -> None:
     if not isinstance(params, Mapping):
-        raise TypeError(f"params must be a mapping of tensors, got {type(params).__name__}")
-    hidden: dict[int, dict[str, Tensor]] = {}
-    head: dict[str, Tensor] = {}
+        raise ArgumentTypeError(f"{what} must be a mapping of tensors, got {type(params).__name__}")
     for k, v in params.items():
         if not isinstance(v, Tensor):
-            raise TypeError(f"params[{k!r}] must be a Tensor, got {type(v).__name__}")
-        m = _HIDDEN.match(k)
-        if m:
-            hidden.setdefault(int(m.group(1)), {})[m.group(2)] = v
-        elif k in ("head.weight", "head.bias"):
-            head[k.split(".")[1]] = v
-        else:
-            raise ValueError(f"unsupported key {k!r}: distribution connectors take plain dense ReLU MLPs "
-                             f"(layers.i.weight/bias, head.weight/bias)")
-    if "weight" not in head:
-        raise ValueError("params have no 'head.weight'")
-    if sorted(hidden) != list(range(len(hidden))):
-        raise ValueError(f"hidden layer indices must be 0..n-1, got {sorted(hidden)}")
-    out: list[Layer] = []
-    for i in range(len(hidden)):
-        if "weight" not in hidden[i]:
-            raise ValueError(f"params have 'layers.{i}.bias' but no 'layers.{i}.weight'")
-        out.append((hidden[i]["weight"], hidden[i].get("bias")))
-    out.append((head["weight"], head.get("bias")))
-    for i, (W, b) in enumerate(out):
-        name = f"layers.{i}" if i < len(out) - 1 else "head"
+            raise ArgumentTypeError(f"{what}[{k!r}] must be a Tensor, got {type(v).__name__}")
+
+
+def _mlp_spec(params: Mapping[str, Tensor], what: str) -> PermutationSpec:
+    """``spec_for`` of the zoo ``MLP`` whose point ``params`` is (widths, bias and norm read from the keys;
+    the model is built on the meta device: no memory, no random draws)."""
+    _check_point(params, what)
+    hint = "pass spec= (e.g. reference.specs.spec_for(model)) for another model"
+    hidden = sorted(int(m.group(1)) for k in params if (m := _HIDDEN.match(k)))
+    if "head.weight" not in params:
+        raise ValueError(f"{what} have no 'head.weight': not a point of a zoo MLP; {hint}")
+    if hidden != list(range(len(hidden))):
+        raise ValueError(f"{what}: hidden layer indices must be 0..n-1, got {hidden}")
+    weights = [params[f"layers.{i}.weight"] for i in hidden] + [params["head.weight"]]
+    for k, W in zip([f"layers.{i}.weight" for i in hidden] + ["head.weight"], weights, strict=True):
         if W.ndim != 2:
-            raise ValueError(f"{name}.weight must be 2-D, got shape {tuple(W.shape)}")
-        if b is not None and tuple(b.shape) != (W.shape[0],):
-            raise ValueError(f"{name}.bias has shape {tuple(b.shape)}, expected ({W.shape[0]},)")
-        if i > 0 and W.shape[1] != out[i - 1][0].shape[0]:
-            raise ValueError(f"{name}.weight has {W.shape[1]} inputs but the previous layer has "
-                             f"{out[i - 1][0].shape[0]} outputs")
-    return out
+            raise ValueError(f"{what}[{k!r}] must be 2-D, got shape {tuple(W.shape)}")
+    with torch.device("meta"):
+        model = MLP(weights[0].shape[1], [W.shape[0] for W in weights[:-1]], weights[-1].shape[0],
+                    bias="head.bias" in params, norm="layer" if any(k.startswith("norms.") for k in params) else None)
+    spec = spec_for(model)
+    try:
+        spec.check_params(params)
+    except ValueError as e:
+        raise ValueError(f"{what} are not a point of a zoo MLP ({e}); {hint}") from e
+    return spec
 
 
-def layers_to_params(layers: Sequence[Layer], like: Mapping[str, Tensor]) -> Params:
-    """The ``Params`` of ``layers`` under the keys of ``like`` (cast to ``like``'s dtype and device)."""
-    ref = mlp_layers(like)
-    if len(layers) != len(ref):
-        raise ValueError(f"{len(layers)} layers given, the template has {len(ref)}")
-    out: Params = {}
-    for i, ((W, b), (W0, b0)) in enumerate(zip(layers, ref, strict=True)):
-        prefix = f"layers.{i}" if i < len(ref) - 1 else "head"
-        if W.shape != W0.shape:
-            raise ValueError(f"{prefix}.weight has shape {tuple(W.shape)}, expected {tuple(W0.shape)}")
-        out[f"{prefix}.weight"] = W.to(dtype=W0.dtype, device=W0.device)
-        if b0 is not None:
-            if b is None:
-                raise ValueError(f"{prefix}.bias is missing")
-            out[f"{prefix}.bias"] = b.to(dtype=b0.dtype, device=b0.device)
-    return {k: out[k] for k in like}
-
-
-def _f64(layers: Sequence[Layer]) -> list[Layer]:
-    return [(W.detach().double(), None if b is None else b.detach().double()) for W, b in layers]
+def _f64(params: Mapping[str, Tensor]) -> Params:
+    return {k: v.detach().double() for k, v in params.items()}
 
 
 def _affine(layer: Layer, h: Tensor) -> Tensor:
@@ -179,7 +294,8 @@ def _affine(layer: Layer, h: Tensor) -> Tensor:
 
 
 def hidden_features(layers: Sequence[Layer], x: Tensor) -> list[Tensor]:
-    """``[h_0 = x (flattened), h_1, …, h_{D-1}]``: the input and the post-ReLU hidden features."""
+    """``[h_0 = x (flattened), h_1, …, h_{D-1}]``: the input and the post-ReLU units of every hidden group
+    (``layers`` as ``DenseChain.layers`` reads them)."""
     h = x.reshape(x.shape[0], -1).to(layers[0][0].dtype)
     if h.shape[1] != layers[0][0].shape[1]:
         raise ValueError(f"inputs have {h.shape[1]} features, the first layer takes {layers[0][0].shape[1]}")
@@ -210,7 +326,7 @@ def _times(t: Tensor | Sequence[float] | float, like: Tensor) -> Tensor:
 
 def _check_pair(s1: Tensor, s2: Tensor) -> None:
     if not isinstance(s1, Tensor) or not isinstance(s2, Tensor):
-        raise TypeError("samples must be tensors")
+        raise ArgumentTypeError("samples must be tensors")
     if s1.shape != s2.shape:
         raise ValueError(f"sample sets have different shapes {tuple(s1.shape)} and {tuple(s2.shape)}")
 
@@ -247,15 +363,14 @@ def arc_connect(s1: Tensor, s2: Tensor, t: Tensor | Sequence[float] | float, sam
 def connect(s1: Tensor, s2: Tensor, t: Tensor | Sequence[float] | float, method: str,
             sample_dim: int | None = 0) -> Tensor:
     """``lin_connect`` (Eq. 5) or ``arc_connect`` (Eq. 6) by name."""
+    choice("connection", method, CONNECT)
     if method == "lin":
         return lin_connect(s1, s2, t)
-    if method == "arc":
-        return arc_connect(s1, s2, t, sample_dim)
-    raise ValueError(f"unknown connection {method!r}; choose one of {CONNECT}")
+    return arc_connect(s1, s2, t, sample_dim)
 
 
 def _rows(l1: Layer, l2: Layer, t: Tensor, method: str) -> list[Layer]:
-    """Connect a layer with its output units as samples: rows of ``[W | b]``."""
+    """Connect the layer writing a group, the group's units as samples: rows of ``[W | b]``."""
     (W1, b1), (W2, b2) = l1, l2
     if (b1 is None) != (b2 is None):
         raise ValueError("one layer has a bias and the other has none")
@@ -266,7 +381,7 @@ def _rows(l1: Layer, l2: Layer, t: Tensor, method: str) -> list[Layer]:
 
 
 def _cols(l1: Layer, l2: Layer, t: Tensor, method: str) -> list[Layer]:
-    """Connect a layer with its *input* units as samples (columns of W); the bias as one sample."""
+    """Connect the layer reading a group, the group's units as samples (columns of W); its bias as one sample."""
     (W1, b1), (W2, b2) = l1, l2
     if (b1 is None) != (b2 is None):
         raise ValueError("one layer has a bias and the other has none")
@@ -276,8 +391,23 @@ def _cols(l1: Layer, l2: Layer, t: Tensor, method: str) -> list[Layer]:
 
 
 # ---------------------------------------------------------------------------------------------
-# optimal transport, permutations, weight adjustment
+# unit samples, optimal transport, weight adjustment
 # ---------------------------------------------------------------------------------------------
+def unit_samples(spec: PermutationSpec, group: str, params: Mapping[str, Tensor], incoming: bool = False) -> Tensor:
+    """The units of ``group`` as samples ``[n, d]``: row i is unit i's slice of every tensor the group acts
+    on (``spec.groups[group]``, in key order; the group's axis first, the rest flattened).
+
+    For a dense layer ℓ writing the group this is row i of ``[W_ℓ | b_ℓ | W_{ℓ+1}ᵀ]``, Table 1's
+    ``[a_n, b_n, c_n]``; ``incoming=True`` keeps the tensors the group indexes on their first axis (the
+    writer's weight rows and bias), ``[a_n, b_n]``.
+    """
+    if group not in spec.sizes:
+        raise ValueError(f"unknown group {group!r}; the spec has {sorted(spec.sizes)}")
+    n = spec.sizes[group]
+    parts = [params[k].movedim(ax, 0).reshape(n, -1) for k, ax in spec.groups[group] if not incoming or ax == 0]
+    return torch.cat(parts, 1)
+
+
 def ot_pairing(s1: Tensor, s2: Tensor) -> Tensor:
     """Optimal-transport pairing of two equal-size empirical distributions with uniform weights.
 
@@ -307,25 +437,6 @@ def ot_pairing(s1: Tensor, s2: Tensor) -> Tensor:
 
         _, perm = linear_sum_assignment(cost)
     return torch.as_tensor(perm, dtype=torch.long, device=s1.device)
-
-
-def permute_hidden(layers: Sequence[Layer], k: int, perm: Tensor) -> list[Layer]:
-    """Relabel hidden layer k's units (outputs of layer k): rows of W_k, b_k and columns of W_{k+1}.
-
-    The network function is unchanged (the permutation symmetry of dense ReLU nets).
-    """
-    if not 0 <= k < len(layers) - 1:
-        raise ValueError(f"hidden layer index {k} out of range 0..{len(layers) - 2}")
-    n = layers[k][0].shape[0]
-    perm = torch.as_tensor(perm, dtype=torch.long, device=layers[k][0].device)
-    if perm.shape != (n,) or not torch.equal(torch.sort(perm).values, torch.arange(n, device=perm.device)):
-        raise ValueError(f"perm must be a permutation of {n} units, got shape {tuple(perm.shape)}")
-    out = list(layers)
-    W, b = layers[k]
-    out[k] = (W[perm], None if b is None else b[perm])
-    W, b = layers[k + 1]
-    out[k + 1] = (W[:, perm], b)
-    return out
 
 
 def adjust_layer(layer: Layer, f_from: Tensor, f_to: Tensor) -> Layer:
@@ -359,7 +470,7 @@ def adjust_layer(layer: Layer, f_from: Tensor, f_to: Tensor) -> Layer:
 
 
 def _butterfly_adjusted(l1: Sequence[Layer], l2: Sequence[Layer], x: Tensor) -> list[Layer]:
-    """[θ¹_0, WA(θ¹_1), …, WA(θ¹_{D-2}), θ²_{D-1}]: layer k re-solved to read θ²'s features h²_k."""
+    """[θ¹_0, WA(θ¹_1), …, WA(θ¹_{D-2}), θ²_{D-1}]: layer k re-solved to read θ²'s units h²_k of group k − 1."""
     h1, h2 = hidden_features(l1, x), hidden_features(l2, x)
     D = len(l1)
     return [l1[0]] + [adjust_layer(l1[k], h1[k], h2[k]) for k in range(1, D - 1)] + [l2[-1]]
@@ -368,7 +479,7 @@ def _butterfly_adjusted(l1: Sequence[Layer], l2: Sequence[Layer], x: Tensor) -> 
 def _wa_chain(l1: Sequence[Layer], l2: Sequence[Layer], x: Tensor) -> tuple[list[Layer], list[Tensor], list[Tensor]]:
     """The stepwise-WA junction layers ``adj`` and the features ``g``, ``h²`` they connect.
 
-    Segment ℓ starts at θ²_{<ℓ}, adj_ℓ, θ¹_{>ℓ} (adj_0 = θ¹_0), whose hidden ℓ + 1 features are
+    Segment ℓ starts at θ²_{<ℓ}, adj_ℓ, θ¹_{>ℓ} (adj_0 = θ¹_0), whose units of group ℓ are
     g_{ℓ+1} = relu(adj_ℓ h²_ℓ) (g_1 = h¹_1); it ends at θ²_{≤ℓ}, adj_{ℓ+1}, θ¹_{>ℓ+1} with
     adj_{ℓ+1} = WA(θ¹_{ℓ+1}: g_{ℓ+1} → h²_{ℓ+1}). Returns (adj [D], g [D] with g_0 unused, h² [D]).
     """
@@ -381,34 +492,69 @@ def _wa_chain(l1: Sequence[Layer], l2: Sequence[Layer], x: Tensor) -> tuple[list
     return adj, g, h2
 
 
-def ot_align(layers1: Sequence[Layer], layers2: Sequence[Layer], x: Tensor, mode: str) -> list[Layer]:
-    """θ² with its hidden units paired to θ¹'s by ``ot_pairing``, layer after layer (π(θ²)).
+def _ot_align(chain: DenseChain, l1: list[Layer], p2: Params, x: Tensor, mode: str) -> tuple[Params, Permutation]:
+    """π(θ²) and π: θ²'s units paired with θ¹'s by ``ot_pairing``, group after group (float64 points).
 
-    ``mode="butterfly"``: hidden layer ℓ + 1's unit samples are ``[W_ℓ | b_ℓ | W_{ℓ+1}ᵀ]`` of the
-    butterfly's endpoints of segment ℓ (θ¹: adjusted layer ℓ and θ¹'s layer ℓ + 1; θ²: its layer ℓ and
-    adjusted layer ℓ + 1). ``mode="wa"``: the incoming ``[W_ℓ | b_ℓ]`` (adjusted layer ℓ of θ¹ vs θ²'s).
-    For D = 2 these are Table 1's ``[a_n, b_n, c_n]`` (OT) and ``[a_n, b_n]`` (OT + WA).
+    Group ℓ's unit samples (``unit_samples``) are taken on the two ends of segment ℓ of the path that
+    follows. ``mode="butterfly"``: all the tensors the group touches, θ¹ side (adjusted layer ℓ writing
+    it, θ¹'s layer ℓ + 1 reading it) against θ² side (θ²'s layer ℓ, adjusted layer ℓ + 1). ``mode="wa"``:
+    the incoming ones, adjusted layer ℓ of θ¹ against θ²'s layer ℓ. Each pairing is the spec's
+    ``Permutation`` of that group alone (``DenseChain.permutation``), applied to θ² before the next
+    group is paired (later samples depend on it); π is their composition.
     """
-    if mode not in ("butterfly", "wa"):
-        raise ValueError(f"mode must be 'butterfly' or 'wa', got {mode!r}")
-    l1, l2 = list(layers1), list(layers2)
-    D = len(l1)
-
-    def unit_samples(layer: Layer, outgoing: Tensor | None) -> Tensor:
-        W, b = layer
-        parts = [W] + ([] if b is None else [b[:, None]]) + ([] if outgoing is None else [outgoing.T])
-        return torch.cat(parts, 1)
-
-    for ell in range(D - 1):
+    spec = chain.spec
+    l2 = chain.layers(p2)
+    total = Permutation.identity(spec)
+    for ell, group in enumerate(chain.groups):
         if mode == "butterfly":
             adj = _butterfly_adjusted(l1, l2, x)
-            s1 = unit_samples(adj[ell], l1[ell + 1][0])
-            s2 = unit_samples(l2[ell], adj[ell + 1][0])
+            end1 = l1[:ell] + [adj[ell]] + l1[ell + 1:]
+            end2 = l2[:ell + 1] + [adj[ell + 1]] + l2[ell + 2:]
+            s1 = unit_samples(spec, group, chain.as_params(end1))
+            s2 = unit_samples(spec, group, chain.as_params(end2))
         else:
             adj = _wa_chain(l1, l2, x)[0]
-            s1, s2 = unit_samples(adj[ell], None), unit_samples(l2[ell], None)
-        l2 = permute_hidden(l2, ell, ot_pairing(s1, s2))
-    return l2
+            end1 = l1[:ell] + [adj[ell]] + l1[ell + 1:]
+            s1 = unit_samples(spec, group, chain.as_params(end1), incoming=True)
+            s2 = unit_samples(spec, group, p2, incoming=True)
+        step = chain.permutation(ell, ot_pairing(s1, s2))
+        p2 = step.apply(spec, p2)
+        l2 = chain.layers(p2)
+        total = step @ total
+    return p2, total
+
+
+def _endpoint_chain(theta1: Mapping[str, Tensor], theta2: Mapping[str, Tensor],
+                      spec: PermutationSpec | None) -> DenseChain:
+    chain = dense_chain(_mlp_spec(theta1, "theta1") if spec is None else spec)
+    chain.layers(theta1, "theta1")
+    chain.layers(theta2, "theta2")
+    if len(chain.groups) < 1:
+        raise ValueError("the connectors need at least one hidden layer")
+    return chain
+
+
+def _fitting_inputs(x: Tensor | None, method: str, like: Tensor) -> Tensor:
+    if x is None:
+        raise ValueError(f"method {method!r} needs the fitting inputs x")
+    if not isinstance(x, Tensor):
+        raise ArgumentTypeError(f"x must be a Tensor, got {type(x).__name__}")
+    return x.detach().to(device=like.device, dtype=torch.float64)
+
+
+def ot_permutation(theta1: Mapping[str, Tensor], theta2: Mapping[str, Tensor], x: Tensor, mode: str = "butterfly",
+                   *, spec: PermutationSpec | None = None) -> Permutation:
+    """The OT relabelling π of θ²'s hidden units (a ``Permutation`` of the spec) that ``OT`` (``mode=
+    "butterfly"``) and ``OT + WA`` (``mode="wa"``) apply before their paths: ``π.apply(spec, θ²)`` is the
+    point they end at, computing θ²'s function.
+
+    ``spec``: the endpoints' ``PermutationSpec`` (default: the zoo MLP's, read from θ¹'s keys).
+    """
+    choice("mode", mode, ("butterfly", "wa"))
+    chain = _endpoint_chain(theta1, theta2, spec)
+    p1 = _f64(theta1)
+    xd = _fitting_inputs(x, f"OT ({mode})", p1[chain.weights[0]])
+    return _ot_align(chain, chain.layers(p1), _f64(theta2), xd, mode)[1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -422,7 +568,9 @@ class ConnectionPath:
     """A piecewise path of ``segments`` pieces, path time τ ∈ [0, segments]; piece k covers [k, k + 1].
 
     ``points(τ)`` gives the stacked ``Params`` (one vmapped evaluation for all of them); ``end`` is the
-    point the path arrives at (θ², or π(θ²) for the OT methods: the same function).
+    point the path arrives at, ``permutation.apply(spec, θ²)`` (θ² itself but for the OT methods, whose
+    ``permutation`` relabels θ²'s units: the same function). ``moves[k]``: the chain's layers that piece k
+    changes (``moved_keys``); the others stay put along it.
     """
 
     method: str
@@ -430,13 +578,28 @@ class ConnectionPath:
     segment_fn: SegmentFn
     template: Params
     end: Params
+    chain: DenseChain
+    permutation: Permutation
+    moves: tuple[tuple[int, ...], ...]
+
+    @property
+    def spec(self) -> PermutationSpec:
+        return self.chain.spec
+
+    def moved_keys(self, k: int) -> tuple[str, ...]:
+        """The keys that piece k may change (the tensors of the layers writing and reading its group)."""
+        self._check_segment(k)
+        return tuple(key for ell in self.moves[k] for key in self.chain.layer_keys(ell))
+
+    def _check_segment(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.segments:
+            raise ValueError(f"segment {k!r} out of range 0..{self.segments - 1}")
 
     def segment_points(self, k: int, s: Tensor | Sequence[float]) -> Params:
         """Stacked points of piece k at local times s ∈ [0, 1]."""
-        if not 0 <= k < self.segments:
-            raise ValueError(f"segment {k} out of range 0..{self.segments - 1}")
+        self._check_segment(k)
         s = torch.as_tensor(s, dtype=torch.float64).reshape(-1)
-        return stack([layers_to_params(ls, self.template) for ls in self.segment_fn(k, s)])
+        return stack([self.chain.to_params(ls, self.template) for ls in self.segment_fn(k, s)])
 
     def points(self, tau: Tensor | Sequence[float]) -> Params:
         """Stacked points at path times τ ∈ [0, segments] (an integer τ = k > 0 is the end of piece k − 1)."""
@@ -455,8 +618,7 @@ class ConnectionPath:
 
     def grid(self, points_per_segment: int) -> tuple[Tensor, Params]:
         """τ on ``points_per_segment`` equally spaced points per piece (shared ends counted once)."""
-        if points_per_segment < 2:
-            raise ValueError(f"points_per_segment must be >= 2, got {points_per_segment}")
+        integer("points_per_segment", points_per_segment, minimum=2)
         tau = torch.linspace(0, self.segments, self.segments * (points_per_segment - 1) + 1, dtype=torch.float64)
         return tau, self.points(tau)
 
@@ -474,6 +636,7 @@ def _straight(l1: list[Layer], l2: list[Layer], method: str) -> SegmentFn:
 
 
 def _simultaneous(l1: list[Layer], l2: list[Layer], method: str) -> SegmentFn:
+    """Every hidden group on its writer (rows), the head on the last group's units (columns)."""
     def seg(k: int, s: Tensor) -> list[list[Layer]]:
         per_layer = [_rows(l1[i], l2[i], s, method) for i in range(len(l1) - 1)]
         per_layer.append(_cols(l1[-1], l2[-1], s, method))
@@ -483,6 +646,8 @@ def _simultaneous(l1: list[Layer], l2: list[Layer], method: str) -> SegmentFn:
 
 
 def _butterfly(l1: list[Layer], l2: list[Layer], x: Tensor, method: str) -> SegmentFn:
+    """Piece ℓ moves group ℓ's units: its writer (layer ℓ, rows) adj_ℓ → θ²_ℓ and its reader (layer ℓ + 1,
+    columns) θ¹_{ℓ+1} → adj_{ℓ+1}."""
     adj = _butterfly_adjusted(l1, l2, x)
 
     def seg(ell: int, s: Tensor) -> list[list[Layer]]:
@@ -494,6 +659,8 @@ def _butterfly(l1: list[Layer], l2: list[Layer], x: Tensor, method: str) -> Segm
 
 
 def _wa(l1: list[Layer], l2: list[Layer], x: Tensor, method: str) -> SegmentFn:
+    """Piece ℓ < D − 1 moves group ℓ's writer (layer ℓ, rows) adj_ℓ → θ²_ℓ and re-solves its reader (layer
+    ℓ + 1) at every t; the last piece moves the head adj_{D-1} → θ²_{D-1}."""
     D = len(l1)
     adj, g, h2 = _wa_chain(l1, l2, x)
 
@@ -510,70 +677,68 @@ def _wa(l1: list[Layer], l2: list[Layer], x: Tensor, method: str) -> SegmentFn:
 
 
 def connection_path(method: str, theta1: Mapping[str, Tensor], theta2: Mapping[str, Tensor],
-                    x: Tensor | None = None) -> ConnectionPath:
-    """The path of ``method`` (a key of ``METHODS``) from θ¹ to θ² (``MLP`` points with equal shapes).
+                    x: Tensor | None = None, *, spec: PermutationSpec | None = None) -> ConnectionPath:
+    """The path of ``method`` (a key of ``METHODS``) from θ¹ to θ² (two points of one dense ReLU net).
 
     ``x``: the inputs on which WA fits its layers (the training inputs); required by every method
-    but ``Linear`` and ``Arc``.
+    but ``Linear`` and ``Arc``. ``spec``: the endpoints' ``PermutationSpec``, read by ``dense_chain``
+    (refused with a ``ValueError`` unless it is a chain of dense layers); default: the zoo ``MLP``'s
+    (``spec_for``), read from θ¹'s keys and shapes.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    choice("method", method, METHODS)
     proc, curve = METHODS[method]
-    l1, l2 = mlp_layers(theta1), mlp_layers(theta2)
-    if len(l1) != len(l2):
-        raise ValueError(f"endpoints have {len(l1)} and {len(l2)} layers")
-    for i, ((W1, b1), (W2, b2)) in enumerate(zip(l1, l2, strict=True)):
-        if W1.shape != W2.shape or (b1 is None) != (b2 is None):
-            raise ValueError(f"layer {i} differs between the endpoints: {tuple(W1.shape)} vs {tuple(W2.shape)}")
-    if len(l1) < 2:
-        raise ValueError("the connectors need at least one hidden layer")
+    chain = _endpoint_chain(theta1, theta2, spec)
+    D = chain.depth
     template = {k: v.detach() for k, v in theta1.items()}
-    l1, l2 = _f64(l1), _f64(l2)
+    p2 = _f64(theta2)
+    l1, l2 = chain.layers(_f64(theta1)), chain.layers(p2)
+    identity = Permutation.identity(chain.spec)
     if proc in ("straight", "simultaneous"):
         fn = (_straight if proc == "straight" else _simultaneous)(l1, l2, curve)
-        return ConnectionPath(method, 1, fn, template, {k: v.detach() for k, v in theta2.items()})
-    if x is None:
-        raise ValueError(f"method {method!r} needs the fitting inputs x")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"x must be a Tensor, got {type(x).__name__}")
-    xd = x.detach().to(device=l1[0][0].device, dtype=torch.float64)
-    D = len(l1)
+        return ConnectionPath(method, 1, fn, template, {k: v.detach() for k, v in theta2.items()}, chain, identity,
+                              (tuple(range(D)),))
+    xd = _fitting_inputs(x, method, l1[0][0])
+    perm = identity
     if proc.startswith("ot_"):
-        l2 = ot_align(l1, l2, xd, "butterfly" if proc == "ot_butterfly" else "wa")
-    end = layers_to_params(l2, template)
+        p2, perm = _ot_align(chain, l1, p2, xd, "butterfly" if proc == "ot_butterfly" else "wa")
+        l2 = chain.layers(p2)
+    end = chain.to_params(l2, template)
     if proc in ("butterfly", "ot_butterfly"):
-        return ConnectionPath(method, D - 1, _butterfly(l1, l2, xd, curve), template, end)
-    return ConnectionPath(method, D, _wa(l1, l2, xd, curve), template, end)
+        moves = tuple((ell, ell + 1) for ell in range(D - 1))
+        return ConnectionPath(method, D - 1, _butterfly(l1, l2, xd, curve), template, end, chain, perm, moves)
+    moves = tuple((ell, ell + 1) for ell in range(D - 1)) + ((D - 1,),)
+    return ConnectionPath(method, D, _wa(l1, l2, xd, curve), template, end, chain, perm, moves)
 
 
 # ---------------------------------------------------------------------------------------------
 # WA ensembling
 # ---------------------------------------------------------------------------------------------
 def wa_ensemble(base: Mapping[str, Tensor], others: Sequence[Mapping[str, Tensor]], x: Tensor,
-                n_top: int) -> list[Params]:
+                n_top: int, *, spec: PermutationSpec | None = None) -> list[Params]:
     """Members of a WA(n) ensemble (Anokhin & Yarotsky 2020, §6): ``[base, m_1, …]``.
 
-    With D layers and s = D − n_top, member j is base's layers 0..s − 1, then network j's layer s
-    weight-adjusted to read base's features h^base_s (``adjust_layer``: it reproduces network j's
-    pre-activations of layer s + 1 from base's features on ``x``), then network j's layers s + 1..D − 1.
-    All members share the first s layers, so the ensemble evaluates one trunk and n_top-layer heads.
+    With D layers and s = D − n_top, member j is base's layers 0..s − 1 (the trunk, up to hidden group
+    s − 1), then network j's layer s, the reader of that group, weight-adjusted to read base's units
+    h^base_s (``adjust_layer``: it reproduces network j's pre-activations of its group s from base's
+    units on ``x``), then network j's layers s + 1..D − 1. All members share the trunk, so the ensemble
+    evaluates one trunk and n_top-layer heads. ``spec``: as for ``connection_path``.
     """
-    if isinstance(n_top, bool) or not isinstance(n_top, int):
-        raise TypeError(f"n_top must be an int, got {n_top!r}")
-    lb = _f64(mlp_layers(base))
-    D = len(lb)
-    if not 1 <= n_top <= D - 1:
-        raise ValueError(f"n_top must be in 1..{D - 1} for a network of {D} layers, got {n_top}")
+    n_top = integer("n_top", n_top, minimum=1)
+    chain = dense_chain(_mlp_spec(base, "base") if spec is None else spec)
+    chain.layers(base, "base")
+    lb = chain.layers(_f64(base))
+    D = chain.depth
+    integer("n_top", n_top, minimum=1, maximum=D - 1)
     s = D - n_top
+    if not isinstance(x, Tensor):
+        raise ArgumentTypeError(f"x must be a Tensor, got {type(x).__name__}")
     xd = x.detach().to(device=lb[0][0].device, dtype=torch.float64)
     hb = hidden_features(lb, xd)[s]
     members = [{k: v.detach().clone() for k, v in base.items()}]
     for j, other in enumerate(others):
-        lo = _f64(mlp_layers(other))
-        if [W.shape for W, _ in lo] != [W.shape for W, _ in lb]:
-            raise ValueError(f"others[{j}] has layer shapes {[tuple(W.shape) for W, _ in lo]}, "
-                             f"base has {[tuple(W.shape) for W, _ in lb]}")
+        chain.layers(other, f"others[{j}]")
+        lo = chain.layers(_f64(other))
         ho = hidden_features(lo, xd)[s]
         layers = lb[:s] + [adjust_layer(lo[s], ho, hb)] + lo[s + 1:]
-        members.append(layers_to_params(layers, base))
+        members.append(chain.to_params(layers, base))
     return members
