@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 from invariants import strategies as S
 from invariants.props_matching import _one_group_archs, _permuted_copy
 from reference.matching import (
-    _midpoint_loss,
+    midpoint_loss,
     sinkhorn,
     sinkhorn_matching,
     ste_matching,
@@ -180,7 +180,7 @@ def test_ste_returns_valid_permutation(
     assert r.eval_steps[0] == 0 and r.eval_steps[-1] == steps and len(r.history) == len(r.eval_steps)
     assert r.objective == min(r.history)
     case.model.train(train_mode)
-    again = _midpoint_loss(case.model, case.params, r.perm.apply(case.spec, b), {}, x, y, 4096)
+    again = midpoint_loss(case.model, case.params, r.perm.apply(case.spec, b), {}, x, y, 4096)
     assert again == pytest.approx(r.objective, rel=1e-9, abs=1e-12)
     for k in a0:
         assert torch.equal(case.params[k], a0[k]), f"params_a[{k!r}] modified"

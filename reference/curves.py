@@ -43,31 +43,19 @@ evaluated t (``reference/bn.py``, the authors' ``update_bn``) before evaluating 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
-from tqdm import tqdm
 
 from .barrier import PathEval, evaluate_path
 from .bn import override_momentum
+from .fit import Batch, fit, logits_at, mean_cross_entropy, module_mode, prepare, seeded_rng
+from .optim import TrainConfig
 from .params import Params, check_compatible, check_finite, combine_batch, float_keys, is_float
-from .train import (
-    TrainConfig,
-    check_data,
-    clip_grads,
-    lr_schedule,
-    module_mode,
-    opt_step_,
-    raise_if_diverged,
-    resolve_device,
-    seeded_rng,
-    split_trainable,
-)
+from .validate import choice, integer, number
 
 __all__ = [
     "CURVE_KINDS",
@@ -107,14 +95,6 @@ def _as_t(t: Tensor | float | Sequence[float]) -> Tensor:
     return t
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 def _bernstein(n: int, t: Tensor) -> Tensor:
     """Bernstein basis [K, n + 1]: C(n, i) tⁱ (1 − t)ⁿ⁻ⁱ (with 0⁰ = 1, so exact at t = 0 and 1)."""
     i = torch.arange(n + 1, dtype=t.dtype, device=t.device)
@@ -135,7 +115,7 @@ class Bezier:
     order: int
 
     def __post_init__(self) -> None:
-        _positive_int("order", self.order)
+        integer("order", self.order)
 
     name = "bezier"
 
@@ -171,7 +151,7 @@ class PolyChain:
     bends: int
 
     def __post_init__(self) -> None:
-        _positive_int("bends", self.bends)
+        integer("bends", self.bends)
 
     name = "polychain"
 
@@ -320,26 +300,6 @@ class Curve:
 # the objective of Eq. (2)
 
 
-def _forward_points(
-    model: nn.Module, stacked: Params, extra: Mapping[str, Tensor], xb: Tensor, vectorized: bool
-) -> Tensor:
-    """Logits [T, B, C] of T stacked points: one vmapped call, or T calls."""
-
-    def one(p: Params, x_: Tensor) -> Tensor:
-        return functional_call(model, {**p, **extra}, (x_,))
-
-    if vectorized:
-        return vmap(one, in_dims=(0, None), randomness="different")(stacked, xb)
-    T = next(iter(stacked.values())).shape[0]
-    return torch.stack([one({k: v[j] for k, v in stacked.items()}, xb) for j in range(T)])
-
-
-def _data_loss(logits: Tensor, yb: Tensor, label_smoothing: float) -> Tensor:
-    """(1/T) Σⱼ CE(logits[j], yb): one cross-entropy over the T·B rows (equal batch per point)."""
-    T = logits.shape[0]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.repeat(T), label_smoothing=label_smoothing)
-
-
 def curve_loss(
     model: nn.Module,
     curve: Curve,
@@ -363,8 +323,8 @@ def curve_loss(
     stacked = curve.points_at(t)
     stacked = {k: v.to(dev) for k, v in stacked.items()}
     with module_mode(model, train_mode), override_momentum(model, 0.1):
-        logits = _forward_points(model, stacked, extra, x.to(dev), vectorized)
-    return _data_loss(logits, y.to(dev, dtype=torch.long), label_smoothing)
+        logits = logits_at(model, stacked, extra, x.to(dev), vectorized)
+    return mean_cross_entropy(logits, y.to(dev, dtype=torch.long), label_smoothing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,15 +380,12 @@ def train_curve(
     ck = make_kind(kind, order=order, bends=bends)
     if ck.n_free < 1:
         raise ValueError(f"{ck} has no free control points to train (it is the straight line)")
-    T = _positive_int("points_per_step", points_per_step)
-    if not (isinstance(l2, (int, float)) and math.isfinite(l2) and l2 >= 0):
-        raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
-    if l2_on not in L2_TARGETS:
-        raise ValueError(f"unknown l2_on {l2_on!r}; use one of {L2_TARGETS}")
-    check_data(x, y, cfg)
-    p_keys, b_keys = split_trainable(model, start)
+    T = integer("points_per_step", points_per_step)
+    l2 = number("l2", l2, minimum=0.0)
+    choice("l2_on", l2_on, L2_TARGETS)
     check_compatible(start, end)
-    dev = resolve_device(device, start)
+    prep = prepare(model, start, x, y, cfg, device)
+    p_keys, b_keys, dev, extra, x, y = prep.p_keys, prep.b_keys, prep.device, prep.constants, prep.x, prep.y
 
     init = Curve.init_linear({k: v.to(dev) for k, v in start.items()}, {k: v.to(dev) for k, v in end.items()}, ck)
     leaves = [[p[k].clone().requires_grad_(True) for k in p_keys] for p in init.free]
@@ -436,17 +393,8 @@ def train_curve(
     const_start = {k: init.start[k] for k in p_keys}
     const_end = {k: init.end[k] for k in p_keys}
     buf_points = [{k: p[k] for k in b_keys} for p in init.points]
-    extra = {n: b.detach().to(dev) for n, b in model.named_buffers() if n not in start}
-
-    x = x.to(dev)
-    y = y.to(dev, dtype=torch.long)
-    n = x.shape[0]
-    steps = cfg.steps_per_epoch(n)
-    total = cfg.epochs * steps
     g = torch.Generator().manual_seed(int(seed))
-    state: list[dict[str, Tensor]] = [{} for _ in flat_leaves]
     ls = cfg.label_smoothing
-    l2 = float(l2)
 
     def points_of(free: list[list[Tensor]]) -> list[Params]:
         return [const_start, *[dict(zip(p_keys, pt, strict=True)) for pt in free], const_end]
@@ -458,7 +406,7 @@ def train_curve(
         stacked = combine_batch(coeffs, points_of(leaves))
         if b_keys:
             stacked.update(combine_batch(coeffs, buf_points))  # no grad; BatchNorm writes into these
-        loss = _data_loss(_forward_points(model, stacked, extra, xb, vectorized), yb, ls)
+        loss = mean_cross_entropy(logits_at(model, stacked, extra, xb, vectorized), yb, ls)
         if l2 and l2_on == "curve":
             sq = sum(stacked[k].pow(2).reshape(stacked[k].shape[0], -1).sum(1) for k in p_keys)
             loss = loss + 0.5 * l2 * sq.mean()
@@ -467,43 +415,22 @@ def train_curve(
     def free_l2() -> Tensor:
         return 0.5 * l2 * sum(t.pow(2).sum() for t in flat_leaves)
 
-    step = 0
-    bar = tqdm(range(cfg.epochs), desc=f"curve {ck}", unit="epoch", disable=not progress, dynamic_ncols=True)
-    with bar, module_mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
-        for epoch in bar:
-            order_ = torch.randperm(n, generator=g).to(dev)
-            epoch_losses: list[Tensor] = []
-            for s in range(steps):
-                idx = order_[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-                ts = torch.rand(T, generator=g, dtype=torch.float64)
-                xb, yb = x[idx], y[idx]
-                if vectorized:
-                    loss = step_loss(ts, xb, yb)
-                    if l2 and l2_on == "free":
-                        loss = loss + free_l2()
-                    grads = list(torch.autograd.grad(loss, flat_leaves, allow_unused=True, materialize_grads=True))
-                    record = loss.detach()
-                else:
-                    grads = [torch.zeros_like(t) for t in flat_leaves]
-                    record = torch.zeros((), dtype=torch.float64, device=dev)
-                    for j in range(T):
-                        part = step_loss(ts[j : j + 1], xb, yb) / T
-                        if j == 0 and l2 and l2_on == "free":
-                            part = part + free_l2()
-                        gj = torch.autograd.grad(part, flat_leaves, allow_unused=True, materialize_grads=True)
-                        for acc, gi in zip(grads, gj, strict=True):
-                            acc.add_(gi)
-                        record = record + part.detach()
-                if cfg.grad_clip is not None:
-                    grads = clip_grads(grads, cfg.grad_clip, 0)
-                step += 1
-                opt_step_(cfg, flat_leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
-                epoch_losses.append(record.float())
-            hist = torch.stack(epoch_losses).cpu()
-            raise_if_diverged(hist, what="curve training", at=f"epoch {epoch + 1}/{cfg.epochs}",
-                              context=f"(seed {seed}) with {cfg.optimizer} lr={cfg.lr:g}",
-                              hint="try a lower learning rate (or set grad_clip)")
-            bar.set_postfix(loss=f"{float(hist.mean()):.4f}")
+    def objective(batch: Batch) -> Tensor | Iterator[Tensor]:
+        ts = torch.rand(T, generator=g, dtype=torch.float64)
+        if vectorized:
+            loss = step_loss(ts, batch.x, batch.y)
+            return loss + free_l2() if l2 and l2_on == "free" else loss
+
+        def parts() -> Iterator[Tensor]:  # the loop: T parts, one forward graph alive at a time
+            for j in range(T):
+                part = step_loss(ts[j : j + 1], batch.x, batch.y) / T
+                yield part + free_l2() if j == 0 and l2 and l2_on == "free" else part
+
+        return parts()
+
+    with module_mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
+        fit(flat_leaves, objective, x, y, cfg, g, what="curve training",
+            context=f"(seed {seed}) with {cfg.optimizer} lr={cfg.lr:g}", progress=progress, desc=f"curve {ck}")
 
     free_out: list[Params] = []
     for pt, init_pt in zip(leaves, init.free, strict=True):

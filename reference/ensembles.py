@@ -35,24 +35,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from tqdm import tqdm
 
 from .bn import has_batchnorm, recompute_bn_stats_batched
 from .evaluate import all_metrics, ensemble_metrics, predict_logits
+from .fit import Batch, fit, prepare, seeded_rng, training_mode
 from .models import init_params
+from .optim import TrainConfig
 from .params import Params, check_finite
-from .train import (
-    TrainConfig,
-    check_data,
-    clip_grads,
-    opt_step_,
-    raise_if_diverged,
-    resolve_device,
-    seeded_rng,
-    split_trainable,
-    train_many,
-    training_mode,
-)
+from .train import train_many
+from .validate import integer, leading_size, number
 
 __all__ = [
     "deep_ensemble",
@@ -64,17 +55,6 @@ __all__ = [
 ]
 
 _METRICS = ("nll", "accuracy", "error", "ece", "auroc")
-
-
-def _leading(stacked: Mapping[str, Tensor]) -> int:
-    if not isinstance(stacked, Mapping) or not stacked:
-        raise ValueError("stacked_params must be a non-empty dict of stacked tensors (leading dim = members)")
-    sizes = {v.shape[0] if v.ndim else None for v in stacked.values()}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            f"stacked params need one leading size (the members) on every entry, got {sorted(map(str, sizes))}"
-        )
-    return int(sizes.pop())
 
 
 def ensemble_probs(
@@ -99,7 +79,7 @@ def ensemble_probs(
     the evaluated test inputs would leak them). The softmax is taken in float64, so confident wrong
     predictions keep a finite log-probability.
     """
-    _leading(stacked_params)
+    leading_size(stacked_params)
     if not isinstance(x, Tensor):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     stacked = dict(stacked_params)
@@ -159,12 +139,6 @@ def fge_snapshot_step(cycle: int) -> int:
     return cycle // 2
 
 
-def _positive(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
-
-
 def fge(
     model: nn.Module,
     params_init: Mapping[str, Tensor],
@@ -194,13 +168,11 @@ def fge(
     """
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
-    for name, v in (("cycle_epochs", cycle_epochs), ("n_cycles", n_cycles)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    lr1, lr2 = _positive("lr1", lr1), _positive("lr2", lr2)
-    check_data(x, y, cfg)
-    p_keys, b_keys = split_trainable(model, params_init)
-    dev = resolve_device(device, params_init)
+    integer("cycle_epochs", cycle_epochs)
+    integer("n_cycles", n_cycles)
+    lr1, lr2 = number("lr1", lr1, positive=True), number("lr2", lr2, positive=True)
+    prep = prepare(model, params_init, x, y, cfg, device)
+    p_keys, b_keys, dev, extra, x, y = prep.p_keys, prep.b_keys, prep.device, prep.constants, prep.x, prep.y
     n = x.shape[0]
     steps = cfg.steps_per_epoch(n)
     cycle = cycle_epochs * steps
@@ -212,42 +184,27 @@ def fge(
     snap = fge_snapshot_step(cycle)
     leaves = [params_init[k].detach().to(dev).clone().requires_grad_(True) for k in p_keys]
     buffers = [params_init[k].detach().to(dev).clone() for k in b_keys]
-    extra = {nm: b.detach().to(dev) for nm, b in model.named_buffers() if nm not in params_init}
-    x = x.to(dev)
-    y = y.to(dev, dtype=torch.long)
-    g = torch.Generator().manual_seed(int(seed))
-    state: list[dict[str, Tensor]] = [{} for _ in leaves]
 
-    def forward(xb: Tensor) -> Tensor:
+    def objective(batch: Batch) -> Tensor:
         tensors = {**dict(zip(p_keys, leaves, strict=True)), **dict(zip(b_keys, buffers, strict=True)), **extra}
-        return functional_call(model, tensors, (xb,), strict=True)
+        logits = functional_call(model, tensors, (batch.x,), strict=True)
+        return F.cross_entropy(logits, batch.y, label_smoothing=cfg.label_smoothing)
 
     snapshots: list[Params] = []
-    i = 0
-    bar = tqdm(range(n_cycles * cycle_epochs), desc="FGE", unit="epoch", disable=not progress, dynamic_ncols=True)
-    with bar, training_mode(model), seeded_rng(int(seed), dev):
-        for epoch in bar:
-            order = torch.randperm(n, generator=g).to(dev)
-            losses: list[Tensor] = []
-            for s in range(steps):
-                idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-                loss = F.cross_entropy(forward(x[idx]), y[idx], label_smoothing=cfg.label_smoothing)
-                grads = list(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
-                if cfg.grad_clip is not None:
-                    grads = clip_grads(grads, cfg.grad_clip, 0)
-                i += 1
-                opt_step_(cfg, leaves, grads, state, fge_learning_rate(i, cycle, lr1, lr2), i)
-                losses.append(loss.detach())
-                if (i - 1) % cycle + 1 == snap:
-                    got = {k: t.detach() for k, t in zip(p_keys, leaves, strict=True)}
-                    got.update(dict(zip(b_keys, buffers, strict=True)))
-                    point = {k: got[k].cpu().clone() for k in params_init}
-                    check_finite(point, what=f"FGE snapshot {len(snapshots) + 1} (seed {seed})")
-                    snapshots.append(point)
-            hist = torch.stack(losses).cpu()
-            raise_if_diverged(hist, what="FGE", at=f"epoch {epoch + 1}/{n_cycles * cycle_epochs}",
-                              context=f"(seed {seed}) with lr1={lr1:g}, lr2={lr2:g}", hint="try a lower lr1")
-            bar.set_postfix(loss=f"{float(hist.mean()):.4f}")
+
+    def snapshot(batch: Batch) -> None:
+        if batch.step % cycle + 1 == snap:
+            got = {k: t.detach() for k, t in zip(p_keys, leaves, strict=True)}
+            got.update(dict(zip(b_keys, buffers, strict=True)))
+            point = {k: got[k].cpu().clone() for k in params_init}
+            check_finite(point, what=f"FGE snapshot {len(snapshots) + 1} (seed {seed})")
+            snapshots.append(point)
+
+    with training_mode(model), seeded_rng(int(seed), dev):
+        fit(leaves, objective, x, y, cfg, torch.Generator().manual_seed(int(seed)), epochs=n_cycles * cycle_epochs,
+            lr=lambda i, _total: fge_learning_rate(i + 1, cycle, lr1, lr2), after_step=snapshot, what="FGE",
+            context=f"(seed {seed}) with lr1={lr1:g}, lr2={lr2:g}", hint="try a lower lr1", progress=progress,
+            desc="FGE")
     return snapshots
 
 

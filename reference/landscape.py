@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import validate
 from .bn import has_batchnorm, recompute_bn_stats_batched
 from .evaluate import default_chunk_size, evaluate_points
-from .params import Params, check_compatible, float_keys
+from .params import Params, check_compatible, chosen_float_keys
 
 __all__ = ["PlaneBasis", "plane_basis", "plane_grid", "plane_points", "plot_plane", "project"]
 
@@ -58,18 +59,6 @@ def _flat64(p: Mapping[str, Tensor], keys: Sequence[str]) -> Tensor:
     return torch.cat([p[k].detach().reshape(-1).to(torch.float64) for k in keys])
 
 
-def _plane_keys(p: Mapping[str, Tensor], keys: Sequence[str] | None) -> tuple[str, ...]:
-    ks = float_keys(p) if keys is None else list(keys)
-    if not ks:
-        raise ValueError("no floating-point entries to span a plane over")
-    for k in ks:
-        if k not in p:
-            raise ValueError(f"plane key {k!r} is not an entry of the points")
-        if not p[k].is_floating_point():
-            raise ValueError(f"plane key {k!r} is not a floating entry ({p[k].dtype})")
-    return tuple(ks)
-
-
 def plane_basis(
     p0: Mapping[str, Tensor],
     p1: Mapping[str, Tensor],
@@ -86,7 +75,7 @@ def plane_basis(
     span no plane.
     """
     check_compatible(p0, p1, p2)
-    ks = _plane_keys(p0, keys)
+    ks = tuple(chosen_float_keys(p0, keys, "plane"))
     if rtol is None:
         rtol = 1000.0 * max(torch.finfo(p[k].dtype).eps for p in (p0, p1, p2) for k in ks)
     f0, f1, f2 = (_flat64(p, ks) for p in (p0, p1, p2))
@@ -114,10 +103,7 @@ def _as_stacked(points: Sequence[Mapping[str, Tensor]] | Mapping[str, Tensor], b
         missing = [k for k in basis.keys if k not in points]
         if missing:
             raise ValueError(f"stacked points lack the plane's keys {missing[:5]}")
-        sizes = {points[k].shape[0] for k in basis.keys}
-        if len(sizes) != 1:
-            raise ValueError(f"stacked points have inconsistent leading sizes {sorted(sizes)}")
-        K = sizes.pop()
+        K = validate.leading_size({k: points[k] for k in basis.keys}, "stacked points")
         rows = torch.cat([points[k].detach().reshape(K, -1).to(torch.float64).cpu() for k in basis.keys], dim=1)
     else:
         pts = list(points)
@@ -218,14 +204,11 @@ def plane_grid(
     coords = project([p0, p1, p2], basis)
     if isinstance(grid, int) and not isinstance(grid, bool):
         grid = (grid, grid)
-    if (
-        not isinstance(grid, tuple)
-        or len(grid) != 2
-        or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 2 for g in grid)
-    ):
+    if not isinstance(grid, tuple) or len(grid) != 2:
         raise ValueError(f"grid must be an int >= 2 or a pair of ints >= 2, got {grid!r}")
-    if not (isinstance(margin, (int, float)) and margin >= 0):
-        raise ValueError(f"margin must be a number >= 0, got {margin!r}")
+    grid = (validate.integer("grid[0]", grid[0], minimum=2), validate.integer("grid[1]", grid[1], minimum=2))
+    margin = validate.number("margin", margin, minimum=0.0)
+    recompute_bn = validate.flag("recompute_bn", recompute_bn)
 
     def axis(explicit: Tensor | Sequence[float] | None, col: int, n: int, name: str) -> Tensor:
         if explicit is None:
@@ -282,8 +265,7 @@ def plot_plane(
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if metric not in ("loss", "error"):
-        raise ValueError(f"metric must be 'loss' or 'error', got {metric!r}")
+    validate.choice("metric", metric, ("loss", "error"))
     for k in ("alphas", "betas", metric, "coords"):
         if k not in result:
             raise ValueError(f"result lacks {k!r}: pass the dict plane_grid returns")

@@ -5,10 +5,14 @@ Both methods return P such that P(θ_b) is aligned to θ_a (``perm.apply(spec, p
 **Weight matching** (Git Re-Basin §3.2, Algorithm 1) maximises the sum of inner products
 ``J(P) = Σ_k ⟨θ_a[k], P(θ_b)[k]⟩`` by coordinate descent: for one group g at a time, with every
 other group held fixed, J is linear in P_g, ``J = ⟨S_g, P_g⟩ + const`` with
-``S_g[i, j] = Σ_{(k, ax) ∋ g} ⟨θ_a[k]_{ax=i}, P_{−g}(θ_b)[k]_{ax=j}⟩``, solved exactly by
-``scipy.optimize.linear_sum_assignment``. Groups are visited in a random order each pass; passes
+``S_g[i, j] = Σ_{(k, ax) ∋ g} ⟨θ_a[k]_{ax=i}, P_{−g}(θ_b)[k]_{ax=j}⟩``, solved exactly by a linear
+assignment solver (``SOLVERS``, by name; the default ``"scipy"`` is
+``scipy.optimize.linear_sum_assignment``). Groups are visited in a random order each pass; passes
 stop when no group improves. J never decreases, and the result depends on the visiting order
 (measured in the README), so ``restarts`` runs several orders and keeps the best objective.
+The pieces of Algorithm 1 are public functions of this module, looked up at call time: the start
+(``starting_permutation``), each pass's order (``group_order``), ``P_{−g}(θ_b)`` (``permute_except``)
+and the assignment (``solve_lap`` with a ``Solver``).
 
 For a group with block size b (GroupNorm), P_g must map blocks onto blocks; the best such P_g is
 an assignment between blocks whose costs are the optimal within-block assignments (exact).
@@ -29,20 +33,18 @@ Cuturi 2013), anneals the temperature, and rounds each matrix to a permutation w
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
-from torch.func import functional_call
-from tqdm import tqdm
 
-from .params import check_compatible, check_finite, float_keys, is_float
+from .activations import check_inputs, cross_correlations, group_producers, producer_names
+from .params import check_compatible, check_finite, float_keys
 from .permutation import Permutation, PermutationSpec
-from .train import TrainConfig, check_data, clip_grads, module_mode, opt_step_, pick_device, split_trainable
+from .validate import ArgumentTypeError, choice, integer
 
 __all__ = [
     "MatchResult",
@@ -50,11 +52,15 @@ __all__ = [
     "weight_matching_objective",
     "activation_matching",
     "solve_lap",
+    "Solver",
+    "SOLVERS",
+    "scipy_solver",
+    "permute_except",
+    "group_order",
+    "starting_permutation",
     "sinkhorn",
     "sinkhorn_matching",
     "SinkhornResult",
-    "ste_matching",
-    "STEResult",
 ]
 
 
@@ -78,16 +84,49 @@ class MatchResult:
         return [r.objective for r in self.restarts] or [self.objective]
 
 
-def solve_lap(S: Tensor, block: int = 1) -> Tensor:
+Solver = Callable[[np.ndarray], np.ndarray]
+"""A linear assignment solver: for a square float64 array ``S`` (n × n), an integer array ``col`` of
+length n, a permutation of ``range(n)``, maximising ``Σᵢ S[i, col[i]]``."""
+
+
+def scipy_solver(S: np.ndarray) -> np.ndarray:
+    """``scipy.optimize.linear_sum_assignment(S, maximize=True)``'s columns (exact; Crouse 2016's
+    shortest augmenting path variant of the Jonker–Volgenant algorithm)."""
+    _, col = linear_sum_assignment(S, maximize=True)
+    return col
+
+
+SOLVERS: dict[str, Solver] = {"scipy": scipy_solver}
+"""Named assignment solvers (``solve_lap(..., solver=name)``; ``"scipy"`` is the default). A name is
+looked up here when a solve starts, so an entry can be added or replaced at any time."""
+
+
+def _resolve_solver(solver: str | Solver) -> Solver:
+    if isinstance(solver, str):
+        return SOLVERS[choice("solver", solver, SOLVERS)]
+    if not callable(solver):
+        raise ArgumentTypeError(f"solver must be a name in SOLVERS or a callable, got {solver!r}")
+    return solver
+
+
+def solve_lap(S: Tensor, block: int = 1, solver: str | Solver = "scipy") -> Tensor:
     """argmax_P ⟨S, P⟩ over permutations (``P[i] = j`` pairs row i with column j).
 
     With ``block`` > 1 the permutation must map each block of ``block`` consecutive rows onto a
     block of columns; solved exactly as an assignment of blocks weighted by within-block optima.
+    ``solver``: a name in ``SOLVERS`` (looked up at call time) or a ``Solver``; it solves every
+    assignment, the within-block ones and the assignment of blocks alike.
     """
+    solve = _resolve_solver(solver)
+    block = integer("block", block, 1)
+    if S.ndim != 2 or S.shape[0] != S.shape[1]:
+        raise ValueError(f"S must be a square matrix, got shape {tuple(S.shape)}")
     S_np = S.detach().double().cpu().numpy()
     n = S_np.shape[0]
+    if n % block:
+        raise ValueError(f"block {block} does not divide the size {n} of S")
     if block == 1:
-        _, col = linear_sum_assignment(S_np, maximize=True)
+        col = solve(S_np)
         return torch.as_tensor(col, dtype=torch.long)
     m = n // block
     inner: dict[tuple[int, int], np.ndarray] = {}
@@ -95,19 +134,47 @@ def solve_lap(S: Tensor, block: int = 1) -> Tensor:
     for bi in range(m):
         for bj in range(m):
             sub = S_np[bi * block : (bi + 1) * block, bj * block : (bj + 1) * block]
-            _, c = linear_sum_assignment(sub, maximize=True)
+            c = solve(sub)
             inner[bi, bj] = c
             W[bi, bj] = sub[np.arange(block), c].sum()
-    _, bcol = linear_sum_assignment(W, maximize=True)
+    bcol = solve(W)
     perm = np.concatenate([bj * block + inner[bi, bj] for bi, bj in enumerate(bcol)])
     return torch.as_tensor(perm, dtype=torch.long)
 
 
-def _permute_except(spec: PermutationSpec, perm: Mapping[str, Tensor], key: str, w: Tensor, skip: int) -> Tensor:
+def permute_except(spec: PermutationSpec, perm: Mapping[str, Tensor], key: str, w: Tensor, skip: int) -> Tensor:
+    """``w`` (the entry ``key`` of θ_b) reindexed by ``perm`` along every permuted axis but ``skip``.
+
+    Each axis ``ax`` with group ``g = spec.axes[key][ax]`` (not ``None``) becomes
+    ``w.index_select(ax, perm[g])``; axis ``skip`` is left as it is (``skip=-1`` or any axis
+    without a group: nothing is skipped). This is ``P_{−g}(θ_b)[key]`` of the similarity ``S_g`` of
+    weight matching (Git Re-Basin, Algorithm 1), with ``skip`` the axis on which ``g`` acts.
+    Returns a new tensor; ``w`` is not modified.
+    """
     for ax, g in enumerate(spec.axes[key]):
         if g is not None and ax != skip:
             w = w.index_select(ax, perm[g].to(w.device))
     return w
+
+
+def group_order(groups: Sequence[str], rng: np.random.Generator) -> list[str]:
+    """One pass's visiting order of weight matching: ``groups`` shuffled by ``rng.permutation``.
+
+    Draws ``rng.permutation(len(groups))`` once (one draw per pass from the restart's
+    ``numpy.random.default_rng(seed)``) and returns the groups in that order. Every group is
+    visited once per pass.
+    """
+    return [groups[i] for i in rng.permutation(len(groups))]
+
+
+def starting_permutation(spec: PermutationSpec, init: Permutation | None) -> dict[str, Tensor]:
+    """The start of weight matching: a new dict group → index, copied from ``init`` (checked against
+    ``spec``: ``ValueError`` if it does not fit) or the identity when ``init`` is ``None``."""
+    if init is None:
+        return Permutation.identity(spec).to_dict()
+    init.check_fits(spec)
+    sizes = spec.sizes
+    return {g: v.clone() for g, v in init.items() if g in sizes}
 
 
 def _validate_pair(spec: PermutationSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> None:
@@ -134,28 +201,30 @@ def _weight_matching_once(
     max_passes: int,
     init: Permutation | None,
     keys: Sequence[str],
+    solve: Solver,
 ) -> MatchResult:
+    """One run of Algorithm 1 with order seed ``seed``. The pieces ``starting_permutation``,
+    ``group_order`` and ``permute_except`` are looked up in this module at call time."""
     rng = np.random.default_rng(seed)
     groups = spec.groups
     names = list(groups)
-    perm = {g: v.clone() for g, v in (init or Permutation.identity(spec)).items()}
+    perm = starting_permutation(spec, init)
     obj0 = weight_matching_objective(spec, a, b, Permutation(perm, spec))
     history = [obj0]
     keyset = set(keys)
     for _ in range(max_passes):
         improved = False
-        for gi in rng.permutation(len(names)):
-            g = names[gi]
+        for g in group_order(names, rng):
             n = spec.sizes[g]
             S = torch.zeros(n, n, dtype=torch.float64)
             for k, ax in groups[g]:
                 if k not in keyset:
                     continue
                 wa = a[k].double().movedim(ax, 0).reshape(n, -1)
-                wb = _permute_except(spec, perm, k, b[k].double(), ax).movedim(ax, 0).reshape(n, -1)
+                wb = permute_except(spec, perm, k, b[k].double(), ax).movedim(ax, 0).reshape(n, -1)
                 S += (wa @ wb.T).cpu()
             old = float(S[torch.arange(n), perm[g]].sum())
-            new_idx = solve_lap(S, spec.block(g))
+            new_idx = solve_lap(S, spec.block(g), solve)
             new = float(S[torch.arange(n), new_idx].sum())
             if new > old + 1e-12 * max(1.0, abs(old)):
                 perm[g] = new_idx
@@ -177,20 +246,29 @@ def weight_matching(
     max_passes: int = 100,
     init: Permutation | None = None,
     keys: Sequence[str] | None = None,
+    solver: str | Solver = "scipy",
 ) -> MatchResult:
     """Git Re-Basin weight matching (Algorithm 1), best of ``restarts`` random group orders.
 
-    ``keys`` restricts the objective to some entries (default: every floating entry, BatchNorm
-    running statistics included). Restart r uses order seed ``seed + r``.
+    Each restart starts at ``starting_permutation(spec, init)`` (the identity by default) and runs
+    at most ``max_passes`` passes; a pass visits the groups in the order ``group_order(groups, rng)``
+    and replaces P_g by ``solve_lap(S_g, spec.block(g), solver)`` when that improves J, with
+    ``S_g`` built from ``permute_except``. Restart r draws its orders from
+    ``numpy.random.default_rng(seed + r)``. ``keys`` restricts the objective to some entries
+    (default: every floating entry, BatchNorm running statistics included). ``solver``: a name in
+    ``SOLVERS`` (looked up when the call starts) or a ``Solver``.
     """
     _validate_pair(spec, params_a, params_b)
-    if restarts < 1:
-        raise ValueError(f"restarts must be >= 1, got {restarts}")
+    restarts = integer("restarts", restarts, 1)
+    max_passes = integer("max_passes", max_passes, 1)
+    solve = _resolve_solver(solver)
     ks = list(keys) if keys is not None else float_keys(params_a)
     unknown = sorted(set(ks) - set(params_a))
     if unknown:
         raise ValueError(f"keys not in the parameters: {unknown}")
-    runs = [_weight_matching_once(spec, params_a, params_b, seed + r, max_passes, init, ks) for r in range(restarts)]
+    runs = [
+        _weight_matching_once(spec, params_a, params_b, seed + r, max_passes, init, ks, solve) for r in range(restarts)
+    ]
     best = max(runs, key=lambda r: r.objective)
     if restarts == 1:
         return best
@@ -199,65 +277,6 @@ def weight_matching(
 
 # ---------------------------------------------------------------------------------------------
 # activation matching
-
-_PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-
-
-def _group_producers(model: nn.Module, spec: PermutationSpec) -> dict[str, list[str]]:
-    """For each group, the modules whose output channels (dim 1, or last for Linear) live in it.
-
-    Normalisation layers are preferred where a group has them (their output is what the next layer
-    sees); otherwise the linear/conv layers writing into the group.
-    """
-    modules = dict(model.named_modules())
-    out: dict[str, dict[str, list[str]]] = {}
-    for k, gs in spec.axes.items():
-        if not k.endswith(".weight") or not gs or gs[0] is None:
-            continue
-        name = k[: -len(".weight")]
-        mod = modules.get(name)
-        if mod is None:
-            continue
-        kind = "linear" if isinstance(mod, _PRODUCERS) else "norm"
-        out.setdefault(gs[0], {}).setdefault(kind, []).append(name)
-    res = {}
-    for g in spec.groups:
-        found = out.get(g, {})
-        res[g] = found.get("norm") or found.get("linear") or []
-        if not res[g]:
-            raise ValueError(f"activation matching: no module produces the units of group {g!r}")
-    return res
-
-
-def _channels_last(o: Tensor, mod: nn.Module) -> Tensor:
-    if isinstance(mod, nn.Linear) or o.ndim == 2:
-        return o.reshape(-1, o.shape[-1])
-    return o.movedim(1, -1).reshape(-1, o.shape[1])
-
-
-class _Moments:
-    def __init__(self) -> None:
-        self.n = 0
-        self.sa = self.sb = self.saa = self.sbb = self.sab = None
-
-    def add(self, xa: Tensor, xb: Tensor) -> None:
-        xa, xb = xa.double(), xb.double()
-        vals = (xa.sum(0), xb.sum(0), (xa * xa).sum(0), (xb * xb).sum(0), xa.T @ xb)
-        if self.sa is None:
-            self.sa, self.sb, self.saa, self.sbb, self.sab = vals
-        else:
-            self.sa, self.sb, self.saa, self.sbb, self.sab = (
-                u + v for u, v in zip((self.sa, self.sb, self.saa, self.sbb, self.sab), vals, strict=True)
-            )
-        self.n += xa.shape[0]
-
-    def corr(self, eps: float = 1e-8) -> Tensor:
-        n = self.n
-        ma, mb = self.sa / n, self.sb / n
-        va = (self.saa / n - ma**2).clamp_min(0)
-        vb = (self.sbb / n - mb**2).clamp_min(0)
-        cov = self.sab / n - ma[:, None] * mb[None, :]
-        return cov / (va.sqrt()[:, None] * vb.sqrt()[None, :] + eps)
 
 
 @torch.no_grad()
@@ -271,41 +290,30 @@ def activation_matching(
     batch_size: int = 1024,
     train_mode: bool = False,
 ) -> MatchResult:
-    """Git Re-Basin activation matching: per group, argmax_P Σᵢ corr(z_a[i], z_b[P[i]]) on inputs ``x``.
+    """Git Re-Basin activation matching (Ainsworth et al. 2023, §3.1): for every group g
+    independently, ``P_g = argmax_P Σᵢ C_g[i, P[i]]``, ``C_g[i, j]`` the Pearson correlation of unit i
+    of θ_a with unit j of θ_b on the inputs ``x``.
 
-    Activations are the outputs of the modules producing each group (see ``_group_producers``);
-    where a group has several (a residual stream), their correlation matrices are summed.
+    Units are the output channels of the modules producing each group
+    (``reference.activations.group_producers``: norm layers where the group has them, else the
+    Linear / conv layers; the channel axis from the module and the spec); where a group has several
+    producers (a residual stream) their correlation matrices are summed. ``x`` runs in chunks of
+    ``batch_size`` in eval mode (``train_mode=True``: train mode, BatchNorm on batch statistics);
+    moments accumulate in float64 (``reference.activations.CrossMoments``). A GroupNorm group gets
+    the best block-preserving assignment. ``objective``: ``Σ_g Σᵢ C_g[i, P_g[i]]``; ``history``: the
+    identity's objective, then the result's.
     """
     _validate_pair(spec, params_a, params_b)
-    producers = _group_producers(model, spec)
-    modules = dict(model.named_modules())
-    wanted = sorted({m for ms in producers.values() for m in ms})
-    moments = {m: _Moments() for m in wanted}
-    was_training = model.training
-    model.train(train_mode)
-    captured: dict[str, Tensor] = {}
-    hooks = [
-        modules[m].register_forward_hook(lambda mod, inp, out, m=m: captured.__setitem__(m, _channels_last(out, mod)))
-        for m in wanted
-    ]
-    try:
-        for s in range(0, x.shape[0], batch_size):
-            xb = x[s : s + batch_size]
-            captured.clear()
-            functional_call(model, {k: v.clone() for k, v in params_a.items()}, (xb,))
-            acts_a = dict(captured)
-            captured.clear()
-            functional_call(model, {k: v.clone() for k, v in params_b.items()}, (xb,))
-            for m in wanted:
-                moments[m].add(acts_a[m], captured[m])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    check_inputs(x, batch_size)
+    producers = group_producers(model, spec)
+    names = producer_names(producers)
+    moments = cross_correlations(
+        model, params_a, params_b, x, list(names.values()), batch_size=batch_size, train=train_mode, sizes=spec.sizes
+    )
     perm = {}
     obj = obj0 = 0.0
-    for g, ms in producers.items():
-        C = sum(moments[m].corr() for m in ms)
+    for g, ps in producers.items():
+        C = sum(moments[p.name].corr() for p in ps)
         idx = solve_lap(C, spec.block(g))
         perm[g] = idx
         n = C.shape[0]
@@ -504,206 +512,13 @@ def sinkhorn_matching(
 
 
 # ---------------------------------------------------------------------------------------------
-# straight-through estimator (Git Re-Basin §3.3, Algorithm 2)
+# the straight-through estimator lives in reference/ste.py (it is n-point, and it calls weight_matching)
 
 
-@dataclass(frozen=True)
-class STEResult(MatchResult):
-    """``MatchResult`` of ``ste_matching``. Here ``objective`` is a *loss* (lower is better):
+def __getattr__(name: str) -> object:
+    """``ste_matching`` / ``STEResult`` / ``midpoint_loss``, re-exported lazily from ``reference.ste``."""
+    if name in ("ste_matching", "STEResult", "midpoint_loss"):
+        from . import ste
 
-    - ``history[i]``: mean cross-entropy on all of (x, y) at the midpoint ½(θ_a + Pᵢ(θ_b)) of the
-      i-th candidate ``candidates[i]``, measured after ``eval_steps[i]`` optimizer steps (entry 0:
-      the initial permutation, before any step);
-    - ``objective = min(history)``, reached first by ``perm = candidates[i]`` at ``best_step``;
-    - ``step_losses[s]``: the minibatch midpoint loss of step s (before its update).
-    """
-
-    step_losses: tuple[float, ...] = ()
-    eval_steps: tuple[int, ...] = ()
-    best_step: int = 0
-    candidates: tuple[Permutation, ...] = field(default=(), repr=False)
-
-
-@torch.no_grad()
-def _midpoint_loss(
-    model: nn.Module,
-    a: Mapping[str, Tensor],
-    pb: Mapping[str, Tensor],
-    extra: Mapping[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    batch_size: int,
-) -> float:
-    """Mean cross-entropy on (x, y) at ½(θ_a + P(θ_b)) (integer buffers from θ_a), in ``batch_size`` chunks."""
-    mid = {k: 0.5 * (a[k] + pb[k]) if is_float(a[k]) else a[k].clone() for k in a}
-    total = 0.0
-    for s in range(0, x.shape[0], batch_size):
-        logits = functional_call(model, {**mid, **extra}, (x[s : s + batch_size],))
-        total += float(F.cross_entropy(logits, y[s : s + batch_size], reduction="sum"))
-    return total / x.shape[0]
-
-
-def ste_matching(
-    model: nn.Module,
-    spec: PermutationSpec,
-    params_a: Mapping[str, Tensor],
-    params_b: Mapping[str, Tensor],
-    x: Tensor,
-    y: Tensor,
-    *,
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int = 0,
-    init: Permutation | None = None,
-    rematch_every: int = 1,
-    eval_every: int | None = None,
-    optimizer: str = "sgd",
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    grad_clip: float | None = None,
-    train_mode: bool = True,
-    eval_batch_size: int = 4096,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> STEResult:
-    """Git Re-Basin's straight-through estimator (Ainsworth et al. 2023, §3.3, Algorithm 2).
-
-    Searches for P minimising the training loss at the midpoint ½(θ_a + P(θ_b)). A free point θ̃
-    (the trainable parameters) starts at θ_a, as in Algorithm 2 and the authors' code; each step
-
-    1. projects θ̃ onto θ_b's permutation orbit: ``P = weight_matching(θ̃, θ_b, init=previous P)``
-       (warm-started; only every ``rematch_every`` steps, and at every evaluation);
-    2. forms ``θ_mid = ½(θ_a + P(θ_b) + θ̃ − stopgrad(θ̃))``: its value is ½(θ_a + P(θ_b)), its
-       gradient with respect to θ̃ is the identity's (the straight-through estimator, Bengio et al.
-       2013), so ``∇_θ̃ L = ½ ∇L(θ_mid)``;
-    3. takes one optimizer step on θ̃ for the minibatch cross-entropy at θ_mid (``optimizer`` as in
-       ``reference.train``: ``"sgd"`` with ``momentum`` — the authors used SGD, momentum 0.9 — or
-       ``"adam"`` / ``"adamw"``; constant ``lr``, optional ``grad_clip``).
-
-    Buffers (BatchNorm running statistics) are not trained: in θ̃ they stay θ_a's (so they enter
-    the projection as constants), at the midpoint they are ½(θ_a + P(θ_b)). ``train_mode=True``
-    evaluates the midpoint with batch statistics (the averaged running statistics are not the
-    midpoint's own); it makes no difference for nets without BatchNorm or dropout.
-
-    Data order: a ``torch.randperm`` per epoch from ``torch.Generator().manual_seed(seed)``;
-    projection at step s uses weight-matching order seed ``seed + 1 + s``. Candidates — the initial
-    permutation and the projection of θ̃ after every ``eval_every`` steps (default: once per epoch
-    of ``x``) and after the last step — are scored by the midpoint loss on all of (x, y); the best
-    is returned. ``init`` defaults to ``weight_matching(spec, θ_a, θ_b, seed=seed)``: the first
-    projection of θ̃ = θ_a is then that same permutation, so the result is never worse than weight
-    matching on this training loss *by construction* (``best_step == 0`` says STE found nothing
-    better). The authors instead kept the permutation with the lowest minibatch loss.
-    """
-    _validate_pair(spec, params_a, params_b)
-    for name, v in (("steps", steps), ("rematch_every", rematch_every), ("eval_batch_size", eval_batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-    if eval_every is not None and (isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1):
-        raise ValueError(f"eval_every must be None or an integer >= 1, got {eval_every!r}")
-    cfg = TrainConfig(
-        epochs=1,
-        batch_size=batch_size,
-        lr=lr,
-        momentum=momentum,
-        weight_decay=weight_decay,
-        optimizer=optimizer,
-        grad_clip=grad_clip,
-    )
-    check_data(x, y, cfg)
-    p_keys, _ = split_trainable(model, params_a)
-    if not p_keys:
-        raise ValueError("the model has no trainable parameters: nothing for the straight-through estimator to move")
-    dev = next(iter(params_a.values())).device if device is None else pick_device(device)
-    a = {k: v.detach().to(dev) for k, v in params_a.items()}
-    b = {k: v.detach().to(dev) for k, v in params_b.items()}
-    extra = {n: t.detach().to(dev) for n, t in model.named_buffers() if n not in a}
-    x = x.to(dev)
-    y = y.to(dev, dtype=torch.long)
-    n = x.shape[0]
-    per_epoch = cfg.steps_per_epoch(n)
-    every = eval_every or per_epoch
-
-    if init is None:
-        perm = weight_matching(spec, a, b, seed=seed).perm
-    else:
-        perm = Permutation(init.to_dict(), spec)  # ValueError if it does not fit the spec
-
-    leaves = [a[k].clone().requires_grad_(True) for k in p_keys]  # θ̃ ← θ_a (Algorithm 2)
-    state: list[dict[str, Tensor]] = [{} for _ in leaves]
-
-    def project(start: Permutation, s: int) -> Permutation:
-        tilde = {**a, **{k: t.detach() for k, t in zip(p_keys, leaves, strict=True)}}
-        return weight_matching(spec, tilde, b, seed=seed + 1 + s, init=start).perm
-
-    def score(pb: Mapping[str, Tensor]) -> float:
-        with module_mode(model, train_mode):
-            return _midpoint_loss(model, a, pb, extra, x, y, eval_batch_size)
-
-    pb = perm.apply(spec, b)
-    history = [score(pb)]
-    eval_steps = [0]
-    candidates = [perm]
-    step_losses: list[float] = []
-    projected = False  # is ``perm`` the projection of the current θ̃?
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.empty(0, dtype=torch.long)
-    bar = tqdm(range(steps), desc="ste", unit="step", disable=not progress, dynamic_ncols=True)
-    with bar:
-        for s in bar:
-            if s % per_epoch == 0:
-                order = torch.randperm(n, generator=gen).to(dev)
-            if s % rematch_every == 0 and not projected:
-                new = project(perm, s)
-                if new != perm:
-                    perm, pb = new, new.apply(spec, b)
-            i0 = (s % per_epoch) * cfg.batch_size
-            idx = order[i0 : i0 + cfg.batch_size]
-            leaf = dict(zip(p_keys, leaves, strict=True))
-            mid = {
-                k: 0.5 * (a[k] + pb[k] + (leaf[k] - leaf[k].detach()))
-                if k in leaf
-                else (0.5 * (a[k] + pb[k]) if is_float(a[k]) else a[k].clone())
-                for k in a
-            }
-            with module_mode(model, train_mode):
-                logits = functional_call(model, {**mid, **extra}, (x[idx],))
-            loss = F.cross_entropy(logits, y[idx])
-            if not bool(torch.isfinite(loss)):
-                raise ValueError(
-                    f"ste_matching diverged: midpoint loss is {float(loss)} at step {s + 1}/{steps} "
-                    f"with {optimizer} lr={lr:g}; try a lower learning rate (or set grad_clip)"
-                )
-            grads = list(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
-            if cfg.grad_clip is not None:
-                grads = clip_grads(grads, cfg.grad_clip, 0)
-            opt_step_(cfg, leaves, grads, state, cfg.lr, s + 1)
-            # the midpoint's value ½(θ_a + P(θ_b)) stays finite whatever θ̃ is; θ̃ itself may not
-            if not all(bool(torch.isfinite(t).all()) for t in leaves):
-                raise ValueError(
-                    f"ste_matching diverged: the free point θ̃ became non-finite at step {s + 1}/{steps} "
-                    f"with {optimizer} lr={lr:g}; try a lower learning rate (or set grad_clip)"
-                )
-            projected = False
-            step_losses.append(float(loss.detach()))
-            if (s + 1) % every == 0 or s + 1 == steps:
-                new = project(perm, s + 1)
-                if new != perm:
-                    perm, pb = new, new.apply(spec, b)
-                projected = True
-                history.append(score(pb))
-                eval_steps.append(s + 1)
-                candidates.append(perm)
-                bar.set_postfix(mid_loss=f"{history[-1]:.4f}")
-    best = min(range(len(history)), key=lambda i: (history[i], i))
-    return STEResult(
-        candidates[best],
-        history[best],
-        tuple(history),
-        "ste",
-        seed,
-        step_losses=tuple(step_losses),
-        eval_steps=tuple(eval_steps),
-        best_step=eval_steps[best],
-        candidates=tuple(candidates),
-    )
+        return getattr(ste, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -69,24 +69,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
-from tqdm import tqdm
 
 from .barrier import PathEval, evaluate_path
 from .bn import has_batchnorm, override_momentum
 from .evaluate import evaluate_points
+from .fit import Batch, fit, logits_at, module_mode, prepare, seeded_rng, split_trainable
+from .optim import TrainConfig
 from .params import Params, check_compatible, check_finite, combine_batch
-from .train import (
-    TrainConfig,
-    check_data,
-    lr_schedule,
-    module_mode,
-    opt_step_,
-    raise_if_diverged,
-    resolve_device,
-    seeded_rng,
-    split_trainable,
-)
 
 __all__ = [
     "PARAMS",
@@ -412,11 +401,7 @@ def _chain_losses(
 ) -> Tensor:
     """Mean cross-entropy of each of the M pivots on (xb, yb): one vmapped call; [M]."""
     params = {**_views(flat, keys, like), **{k: v.clone() for k, v in bufs.items()}}
-
-    def one(p: Params, x_: Tensor) -> Tensor:
-        return functional_call(model, {**p, **extra}, (x_,))
-
-    logits = vmap(one, in_dims=(0, None), randomness="different")(params, xb)
+    logits = logits_at(model, params, extra, xb)
     M, B = logits.shape[:2]
     ce = F.cross_entropy(logits.reshape(M * B, -1), yb.repeat(M), reduction="none")
     return ce.view(M, B).mean(1)
@@ -471,10 +456,10 @@ def neb(
     if not isinstance(cfg, NEBConfig):
         raise TypeError(f"cfg must be a NEBConfig, got {type(cfg).__name__}")
     tc = cfg.train
-    check_data(x, y, tc)
     check_compatible(start, end)
-    p_keys, b_keys = split_trainable(model, start)
-    split_trainable(model, end)
+    prep = prepare(model, start, x, y, tc, device)
+    p_keys, b_keys, dev, extra, x, y = prep.p_keys, prep.b_keys, prep.device, prep.constants, prep.x, prep.y
+    split_trainable(model, end, "end")
     if not p_keys:
         raise ValueError("the model has no trainable parameters: nothing to relax")
     dtypes = {start[k].dtype for k in p_keys}
@@ -484,19 +469,15 @@ def neb(
         )
     check_finite(start, "start")
     check_finite(end, "end")
-    dev = resolve_device(device, start)
     like = {k: start[k] for k in p_keys}
     s_flat = torch.cat([start[k].detach().to(dev).reshape(-1) for k in p_keys])
     e_flat = torch.cat([end[k].detach().to(dev).reshape(-1) for k in p_keys])
     start_d = {k: v.detach().to(dev) for k, v in start.items()}
     end_d = {k: v.detach().to(dev) for k, v in end.items()}
-    extra = {n: b.detach().to(dev) for n, b in model.named_buffers() if n not in start}
 
     def bufs_of(knots: Tensor) -> Params:
         return _buffers_at(start_d, end_d, b_keys, knots.to(dev))
 
-    x = x.to(dev)
-    y = y.to(dev, dtype=torch.long)
     n = x.shape[0]
     n_eval = n if cfg.eval_examples is None else min(n, cfg.eval_examples)
     x_eval, y_eval = x[:n_eval], y[:n_eval]
@@ -508,9 +489,7 @@ def neb(
     chain = (1 - a)[:, None] * s_flat[None] + a[:, None] * e_flat[None]
     chain[0], chain[-1] = s_flat, e_flat
     history: list[dict[str, Any]] = []
-    total_steps = cfg.cycles * tc.epochs * steps
-    bar = tqdm(total=total_steps, desc="AutoNEB", unit="step", disable=not progress, dynamic_ncols=True)
-    with bar, module_mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
+    with module_mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
         for cycle in range(cfg.cycles):
             inserted: list[tuple[int, float, float]] = []
             if cycle > 0 and cfg.insert_per_cycle > 0 and chain.shape[0] - 2 < cfg.max_pivots:
@@ -523,40 +502,34 @@ def neb(
                     chain = insert_pivots(chain, [(s, a_) for s, a_, _ in inserted])
             M = chain.shape[0]
             leaf = chain[1:-1].clone().requires_grad_(True)
-            state: list[dict[str, Tensor]] = [{}]
-            knots = _arc_knots(chain.detach())
-            bufs = bufs_of(knots)
-            total = tc.epochs * steps
-            step = 0
-            losses_hist: list[Tensor] = []
-            for epoch in range(tc.epochs):
-                order = torch.randperm(n, generator=g).to(dev)
-                epoch_losses: list[Tensor] = []
-                for s in range(steps):
-                    idx = order[s * tc.batch_size : (s + 1) * tc.batch_size]
-                    full = torch.cat([s_flat[None], leaf, e_flat[None]])
-                    losses = _chain_losses(model, full, p_keys, like, bufs, extra, x[idx], y[idx])
-                    (grad,) = torch.autograd.grad(losses[1:-1].sum(), leaf)
+            bufs = bufs_of(_arc_knots(chain.detach()))
+            now: dict[str, Tensor] = {}  # the chain and its losses at the current step
+
+            def objective(batch: Batch, leaf: Tensor = leaf, bufs: Params = bufs, now: dict = now
+                          ) -> tuple[Tensor, Tensor]:
+                full = torch.cat([s_flat[None], leaf, e_flat[None]])
+                losses = _chain_losses(model, full, p_keys, like, bufs, extra, batch.x, batch.y)
+                now["chain"], now["losses"] = full.detach(), losses.detach()
+                return losses[1:-1].sum(), losses[1:-1].detach().mean().float()
+
+            def force(grads: list[Tensor], now: dict = now) -> list[Tensor]:
+                tau = improved_tangents(now["chain"], now["losses"])
+                return [-nudged_forces(grads[0], now["chain"], tau, cfg.spring_k)]
+
+            def relax(batch: Batch, leaf: Tensor = leaf) -> None:
+                if not math.isfinite(cfg.spring_k):  # the string method: pivots back to equal spacing
                     with torch.no_grad():
-                        cur = full.detach()
-                        tau = improved_tangents(cur, losses.detach())
-                        force = nudged_forces(grad, cur, tau, cfg.spring_k)
-                        step += 1
-                        opt_step_(tc, [leaf], [-force], state, lr_schedule(tc, step - 1, total), step)
-                        if not math.isfinite(cfg.spring_k):
-                            leaf.copy_(redistribute(torch.cat([s_flat[None], leaf, e_flat[None]]))[1:-1])
-                    epoch_losses.append(losses[1:-1].detach().mean().float())
-                    bar.update()
-                hist = torch.stack(epoch_losses).cpu()
-                raise_if_diverged(hist, what="NEB relaxation", at=f"cycle {cycle + 1}, epoch {epoch + 1}",
-                                  context=f"(seed {seed}) with {tc.optimizer} lr={tc.lr:g}",
-                                  hint="try a lower learning rate")
-                losses_hist.append(hist.mean())
-                bar.set_postfix(pivots=M - 2, loss=f"{float(hist.mean()):.4f}")
+                        leaf.copy_(redistribute(torch.cat([s_flat[None], leaf, e_flat[None]]))[1:-1])
+
+            res = fit([leaf], objective, x, y, tc, g, grad_transform=force, after_step=relax,
+                      what="NEB relaxation", at=lambda e, c=cycle: f"cycle {c + 1}, epoch {e + 1}",
+                      context=f"(seed {seed}) with {tc.optimizer} lr={tc.lr:g}", hint="try a lower learning rate",
+                      progress=progress, desc=f"AutoNEB cycle {cycle + 1}/{cfg.cycles} ({M - 2} pivots)")
             chain = torch.cat([s_flat[None], leaf.detach(), e_flat[None]])
-            history.append({"cycle": cycle, "interior_pivots": M - 2, "steps": step,
+            last_epoch = res.losses[-steps:, 0]
+            history.append({"cycle": cycle, "interior_pivots": M - 2, "steps": res.steps,
                             "inserted": [{"segment": s_, "alpha": a_, "score": sc} for s_, a_, sc in inserted],
-                            "mean_pivot_loss_last_epoch": float(losses_hist[-1])})
+                            "mean_pivot_loss_last_epoch": float(last_epoch.mean())})
     knots = _arc_knots(chain)
     pivots = {**_views(chain, p_keys, like), **bufs_of(knots)}
     out = {k: pivots[k].detach().cpu().clone() for k in start}

@@ -76,33 +76,31 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
-from tqdm import tqdm
 
 from .bn import override_momentum
-from .params import Params, check_compatible, check_finite, combine, combine_batch, float_keys, is_float
-from .train import (
-    TrainConfig,
-    check_data,
-    clip_grads,
-    lr_schedule,
-    module_mode,
-    opt_step_,
-    raise_if_diverged,
-    resolve_device,
-    seeded_rng,
-    split_trainable,
+from .fit import Batch, fit, logits_at, mean_cross_entropy, module_mode, prepare, seeded_rng
+from .optim import TrainConfig
+from .params import (
+    Params,
+    check_compatible,
+    check_finite,
+    chosen_float_keys,
+    combine,
+    combine_batch,
 )
+from .validate import generator as as_generator
+from .validate import integer, number
 
 __all__ = [
     "WEIGHTINGS",
     "Simplex",
     "SimplicialComplex",
     "cayley_menger_volume",
+    "check_barycentric",
     "espro_ensemble",
     "mode_connecting_simplices",
     "sample_dirichlet",
@@ -122,25 +120,6 @@ Simplices = Sequence[tuple[int, ...]]
 # sampling
 
 
-def _generator(generator: Generatorish) -> torch.Generator:
-    """A CPU generator: a given one, one seeded with an int, or a fresh unseeded one (``None``)."""
-    if isinstance(generator, torch.Generator):
-        return generator
-    if generator is None:
-        return torch.Generator()
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise TypeError(f"generator must be a torch.Generator, an int seed or None, got {generator!r}")
-    return torch.Generator().manual_seed(generator)
-
-
-def _count(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _exponentials(shape: tuple[int, ...], generator: torch.Generator) -> Tensor:
     """Standard exponentials −log(1 − U), U ∼ U[0, 1) (finite: 1 − U ∈ (0, 1]), float64, CPU."""
     u = torch.rand(shape, generator=generator, dtype=torch.float64)
@@ -154,9 +133,9 @@ def sample_dirichlet(n_samples: int, k: int, generator: Generatorish = None) -> 
     a CPU ``torch.Generator``, an int seed, or ``None`` (unseeded). Entries are ≥ 0 and every row sums
     to 1 up to rounding.
     """
-    n_samples = _count("n_samples", n_samples, 0)
-    k = _count("k (number of vertices)", k)
-    e = _exponentials((n_samples, k), _generator(generator))
+    n_samples = integer("n_samples", n_samples, 0)
+    k = integer("k (number of vertices)", k)
+    e = _exponentials((n_samples, k), as_generator(generator))
     s = e.sum(1, keepdim=True)
     # all k exponentials 0 needs every U = 0 exactly (probability 2^-53k): put the point on vertex 0
     e[s.squeeze(1) == 0, 0] = 1.0
@@ -176,18 +155,6 @@ def _check_vertices(vertices: Sequence[Mapping[str, Tensor]], what: str = "simpl
             raise TypeError(f"{what}: vertex {i} must be a dict of tensors (Params), got {type(v).__name__}")
     check_compatible(*vs)
     return vs
-
-
-def _volume_keys(vertex: Mapping[str, Tensor], keys: Sequence[str] | None) -> list[str]:
-    ks = float_keys(vertex) if keys is None else list(keys)
-    if not ks:
-        raise ValueError("no floating-point entries to measure the volume over")
-    for k in ks:
-        if k not in vertex:
-            raise ValueError(f"volume key {k!r} is not an entry of the vertices")
-        if not is_float(vertex[k]):
-            raise ValueError(f"volume key {k!r} is not a floating entry ({vertex[k].dtype})")
-    return ks
 
 
 def _flat64(p: Mapping[str, Tensor], keys: Sequence[str], device: torch.device | None = None) -> Tensor:
@@ -234,7 +201,7 @@ def simplex_volume(vertices: Sequence[Mapping[str, Tensor]], keys: Sequence[str]
     """
     vs = _check_vertices(vertices)
     _need_two(len(vs))
-    ks = _volume_keys(vs[0], keys)
+    ks = chosen_float_keys(vs[0], keys, "volume")
     dev = next(iter(vs[0].values())).device
     return _vol_sq_from_flat([_flat64(v, ks, dev) for v in vs]).sqrt()
 
@@ -252,7 +219,7 @@ def simplex_log_volume(
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
     vs = _check_vertices(vertices)
     _need_two(len(vs))
-    ks = _volume_keys(vs[0], keys)
+    ks = chosen_float_keys(vs[0], keys, "volume")
     dev = next(iter(vs[0].values())).device
     return _log_vol_from_flat([_flat64(v, ks, dev) for v in vs], float(eps))
 
@@ -303,11 +270,8 @@ class Simplex:
         return sample_dirichlet(n_samples, self.k, generator)
 
     def points(self, lams: Tensor | Sequence[Sequence[float]]) -> Params:
-        """The points Σᵢ λᵢ θᵢ for the rows of ``lams`` [n, k], stacked (``combine_batch``)."""
-        lams = torch.as_tensor(lams, dtype=torch.float64)
-        if lams.ndim != 2 or lams.shape[1] != self.k:
-            raise ValueError(f"lams must be [n, {self.k}] (one coefficient per vertex), got {tuple(lams.shape)}")
-        return combine_batch(lams, self.vertices)
+        """The points Σᵢ λᵢ θᵢ for the rows of ``lams`` [n, k] (barycentric: ``check_barycentric``), stacked."""
+        return combine_batch(check_barycentric(lams, self.k), self.vertices)
 
     def sample(self, n_samples: int, generator: Generatorish = None) -> Params:
         """``n_samples`` points drawn uniformly from the simplex, stacked."""
@@ -320,6 +284,18 @@ class Simplex:
     def log_volume(self, keys: Sequence[str] | None = None, eps: float = 0.0) -> Tensor:
         """½ log(Vol² + eps) (``simplex_log_volume``): the SPRO regulariser's log-volume."""
         return simplex_log_volume(self.vertices, keys, eps)
+
+
+def check_barycentric(lams: Tensor | Sequence[Sequence[float]], k: int) -> Tensor:
+    """``lams`` as float64 ``[n, k]`` if every row is a point of the simplex (entries ≥ 0 up to 1e-12,
+    rows summing to 1 within ``torch.allclose``'s tolerance); ``ValueError`` otherwise (e.g. [2, 2],
+    which would extrapolate far outside the simplex)."""
+    lams = torch.as_tensor(lams, dtype=torch.float64)
+    if lams.ndim != 2 or lams.shape[1] != k:
+        raise ValueError(f"lams must be [n, {k}] (barycentric coordinates, one per vertex), got {tuple(lams.shape)}")
+    if bool((lams < -1e-12).any()) or not torch.allclose(lams.sum(1), torch.ones(len(lams), dtype=lams.dtype)):
+        raise ValueError("lams must be barycentric coordinates: non-negative and summing to 1 in every row")
+    return lams
 
 
 def _draw_coefficients(
@@ -410,8 +386,8 @@ class SimplicialComplex:
         ``weighting="volume"`` needs simplices of one dimension (volumes of different dimensions are
         not comparable) and a positive total volume; ``ValueError`` otherwise.
         """
-        n_samples = _count("n_samples", n_samples, 0)
-        g = _generator(generator)
+        n_samples = integer("n_samples", n_samples, 0)
+        g = as_generator(generator)
         if weighting == "uniform":
             probs = None
         elif weighting == "volume":
@@ -444,22 +420,14 @@ class SimplicialComplex:
 def mode_connecting_simplices(n_fixed: int, n_free: int) -> tuple[tuple[int, ...], ...]:
     """The simplices SPRO builds on vertices [θ₁ … θ_m, v₁ … v_n] (m = ``n_fixed``, n = ``n_free``):
     one simplex {θ₁, v₁ … v_n} for m = 1; m simplices {θ_j, v₁ … v_n} sharing the v's for m ≥ 2."""
-    m = _count("n_fixed", n_fixed)
-    n = _count("n_free", n_free, 0)
+    m = integer("n_fixed", n_fixed)
+    n = integer("n_free", n_free, 0)
     free = tuple(range(m, m + n))
     return tuple((j, *free) for j in range(m))
 
 
 # ---------------------------------------------------------------------------------------------
 # SPRO
-
-
-def _finite_number(name: str, value: object, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0 or (positive and value == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-    return float(value)
 
 
 def train_simplex(
@@ -500,10 +468,10 @@ def train_simplex(
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
     fixed = _check_vertices(fixed_vertices, "fixed_vertices")
-    n_free = _count("n_free", n_free)
-    T = _count("samples_per_step", samples_per_step)
-    lam = _finite_number("vol_reg", vol_reg)
-    eps = _finite_number("vol_eps", vol_eps)
+    n_free = integer("n_free", n_free)
+    T = integer("samples_per_step", samples_per_step)
+    lam = number("vol_reg", vol_reg, minimum=0.0)
+    eps = number("vol_eps", vol_eps, minimum=0.0)
     if lam > 0 and eps == 0:
         raise ValueError(
             "vol_eps must be > 0 when vol_reg > 0: each new vertex starts on the centroid of the others, "
@@ -511,17 +479,16 @@ def train_simplex(
         )
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting {weighting!r}; use one of {WEIGHTINGS}")
-    check_data(x, y, cfg)
-    p_keys, b_keys = split_trainable(model, fixed[0])
-    dev = resolve_device(device, fixed[0])
+    prep = prepare(model, fixed[0], x, y, cfg, device)
+    dev = prep.device
     m = len(fixed)
     job = _SproJob(
         model=model,
-        p_keys=p_keys,
-        b_keys=b_keys,
-        extra={nm: b.detach().to(dev) for nm, b in model.named_buffers() if nm not in fixed[0]},
-        x=x.to(dev),
-        y=y.to(dev, dtype=torch.long),
+        p_keys=prep.p_keys,
+        b_keys=prep.b_keys,
+        extra=prep.constants,
+        x=prep.x,
+        y=prep.y,
         cfg=cfg,
         T=T,
         lam=lam,
@@ -564,14 +531,6 @@ class _SproJob:
     seed: int
     progress: bool
 
-    def _forward(self, stacked: Params, xb: Tensor) -> Tensor:
-        """Logits [T, B, C] of T stacked points in one vmapped call."""
-
-        def one(p: Params, x_: Tensor) -> Tensor:
-            return functional_call(self.model, {**p, **self.extra}, (x_,))
-
-        return vmap(one, in_dims=(0, None), randomness="different")(stacked, xb)
-
     def _flat_all(self, const_flat: list[Tensor], leaves: list[Tensor]) -> list[Tensor]:
         return [*const_flat, torch.cat([t.reshape(-1).to(torch.float64) for t in leaves])]
 
@@ -599,45 +558,22 @@ class _SproJob:
         leaves = [centre[k].detach().clone().requires_grad_(True) for k in self.p_keys]
         new_bufs = {k: centre[k] for k in self.b_keys}
         const_flat = [_flat64(v, self.p_keys) for v in verts]
-        state: list[dict[str, Tensor]] = [{} for _ in leaves]
-        n = self.x.shape[0]
-        steps = cfg.steps_per_epoch(n)
-        total = cfg.epochs * steps
-        step = 0
-        bar = tqdm(
-            range(cfg.epochs),
-            desc=f"SPRO vertex {stage}/{n_free}",
-            unit="epoch",
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
-        with bar:
-            for epoch in bar:
-                order = torch.randperm(n, generator=self.g).to(self.x.device)
-                hist: list[Tensor] = []
-                for s in range(steps):
-                    idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-                    coeffs = _draw_coefficients(simplices, V + 1, T, self.g, self._probs(simplices, const_flat, leaves))
-                    new_point = {**dict(zip(self.p_keys, leaves, strict=True)), **new_bufs}
-                    stacked = combine_batch(coeffs, [*verts, new_point])
-                    yb = self.y[idx]
-                    logits = self._forward(stacked, self.x[idx])  # [T, B, C]
-                    loss = F.cross_entropy(
-                        logits.reshape(-1, logits.shape[-1]), yb.repeat(T), label_smoothing=cfg.label_smoothing
-                    )
-                    if self.lam:
-                        loss = loss - self.lam * self._log_volume(simplices, const_flat, leaves).to(loss.dtype)
-                    grads = list(torch.autograd.grad(loss, leaves, allow_unused=True, materialize_grads=True))
-                    if cfg.grad_clip is not None:
-                        grads = clip_grads(grads, cfg.grad_clip, 0)
-                    step += 1
-                    opt_step_(cfg, leaves, grads, state, lr_schedule(cfg, step - 1, total), step)
-                    hist.append(loss.detach())
-                h = torch.stack(hist).cpu()
-                raise_if_diverged(h, what="SPRO", at=f"vertex {stage}/{n_free}, epoch {epoch + 1}/{cfg.epochs}",
-                                  context=f"(seed {self.seed}) with {cfg.optimizer} lr={cfg.lr:g}",
-                                  hint="try a lower learning rate, a smaller vol_reg or grad_clip")
-                bar.set_postfix(loss=f"{float(h.mean()):.4f}")
+
+        def objective(batch: Batch) -> Tensor:
+            coeffs = _draw_coefficients(simplices, V + 1, T, self.g, self._probs(simplices, const_flat, leaves))
+            new_point = {**dict(zip(self.p_keys, leaves, strict=True)), **new_bufs}
+            stacked = combine_batch(coeffs, [*verts, new_point])
+            logits = logits_at(self.model, stacked, self.extra, batch.x)  # [T, B, C]
+            loss = mean_cross_entropy(logits, batch.y, cfg.label_smoothing)
+            if self.lam:
+                loss = loss - self.lam * self._log_volume(simplices, const_flat, leaves).to(loss.dtype)
+            return loss
+
+        fit(leaves, objective, self.x, self.y, cfg, self.g, what="SPRO",
+            at=lambda e: f"vertex {stage}/{n_free}, epoch {e + 1}/{cfg.epochs}",
+            context=f"(seed {self.seed}) with {cfg.optimizer} lr={cfg.lr:g}",
+            hint="try a lower learning rate, a smaller vol_reg or grad_clip",
+            progress=self.progress, desc=f"SPRO vertex {stage}/{n_free}")
         return {**{k: t.detach() for k, t in zip(self.p_keys, leaves, strict=True)}, **new_bufs}
 
 
@@ -653,37 +589,20 @@ def espro_ensemble(
     y: Tensor,
     cfg: TrainConfig,
     seed: int = 0,
-    *,
-    samples_per_step: int = 4,
-    vol_reg: float = 0.0,
-    vol_eps: float = 1e-4,
-    device: torch.device | str | None = None,
-    progress: bool = True,
+    **spro: Any,
 ) -> list[SimplicialComplex]:
     """ESPRO (Benton et al. 2021): an independent SPRO simplex {θ_j, v₁ … v_n} around each of the
     independently trained ``modes``; simplex j trains with seed ``seed + j``.
 
-    The simplexes are trained one after the other (each as ``train_simplex`` with one fixed vertex).
-    Draw the ensemble's members with ``sample_members``.
+    The simplexes are trained one after the other, each as ``train_simplex(model, [mode], n_free,
+    x, y, cfg, seed + j, **spro)`` (``spro``: its keyword arguments ``samples_per_step``,
+    ``vol_reg``, ``vol_eps``, ``device``, ``progress``; ``weighting`` has no effect on a single
+    simplex and is refused). Draw the ensemble's members with ``sample_members``.
     """
     ms = _check_vertices(modes, "modes")
-    return [
-        train_simplex(
-            model,
-            [mode],
-            n_free,
-            x,
-            y,
-            cfg,
-            seed + j,
-            samples_per_step=samples_per_step,
-            vol_reg=vol_reg,
-            vol_eps=vol_eps,
-            device=device,
-            progress=progress,
-        )
-        for j, mode in enumerate(ms)
-    ]
+    if "weighting" in spro:
+        raise ValueError("weighting chooses between simplices of a complex; an ESPRO member has one simplex")
+    return [train_simplex(model, [mode], n_free, x, y, cfg, seed + j, **spro) for j, mode in enumerate(ms)]
 
 
 def sample_members(
@@ -701,6 +620,6 @@ def sample_members(
         if not isinstance(c, SimplicialComplex):
             raise TypeError(f"complexes[{i}] must be a SimplicialComplex, got {type(c).__name__}")
     check_compatible(*(c.vertices[0] for c in cxs))
-    g = _generator(generator)
+    g = as_generator(generator)
     parts = [c.sample(n_per_complex, g, weighting) for c in cxs]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -15,6 +15,7 @@ import io
 import math
 
 import pytest
+import tiny_nets
 import torch
 from scipy import stats
 from torch import Tensor, nn
@@ -55,15 +56,9 @@ SPRO_CFG = TrainConfig(epochs=10, batch_size=64, lr=0.02, momentum=0.9, schedule
 # fixtures and helpers
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread for this module: its networks are tiny, and with two threads on a loaded
-    2-core machine the thread wake-ups dominate (the 15-epoch fixture training took 31 s instead of
-    0.6 s). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# tiny networks: one intra-op thread (tests/conftest.py; the 15-epoch fixture training took 31 s instead of
+# 0.6 s with two threads on a loaded 2-core machine)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +85,12 @@ def vec_point(coords: list[float], split: int = 2) -> Params:
 
 
 def bn_net() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    return tiny_nets.bn_mlp(6, [8], 3, bias=True)
 
 
 def bn_point(seed: int) -> Params:
-    torch.manual_seed(seed)
-    sd = bn_net().state_dict()
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("running_mean"):
-            v = torch.randn_like(v)
-        elif k.endswith("running_var"):
-            v = torch.rand_like(v) + 0.5
-        elif k.endswith("num_batches_tracked"):
-            v = torch.tensor(seed + 7)
-        out[k] = v.clone()
-    return out
+    """An initialisation of ``bn_net`` with non-trivial BatchNorm statistics."""
+    return tiny_nets.bn_point(bn_net, seed)
 
 
 def train_loss(model: nn.Module, stacked: Params, digits) -> Tensor:
@@ -448,7 +433,8 @@ def test_plane_grid_keeps_integer_buffers_and_recomputes_batchnorm() -> None:
     basis = plane_basis(p0, p1, p2)
     assert "1.num_batches_tracked" not in basis.keys
     pts = plane_points(basis, [[0.3, -0.2], [1.0, 2.0]])
-    assert torch.equal(pts["1.num_batches_tracked"], torch.full((2,), 7))
+    assert int(p0["1.num_batches_tracked"]) != int(p1["1.num_batches_tracked"])
+    assert torch.equal(pts["1.num_batches_tracked"], p0["1.num_batches_tracked"].expand(2))  # the origin's
     x = torch.randn(30, 6, generator=torch.Generator().manual_seed(1))
     y = torch.randint(0, 3, (30,), generator=torch.Generator().manual_seed(2))
     res = plane_grid(model, p0, p1, p2, x, y, grid=3, recompute_bn=True)
@@ -486,7 +472,7 @@ def test_errors_name_the_problem(modes, mlp, digits) -> None:
     with pytest.raises(ValueError, match="square"):
         cayley_menger_volume(torch.zeros(2, 3))
     x, y = digits.x_train, digits.y_train
-    with pytest.raises(ValueError, match="n_free must be >= 1"):
+    with pytest.raises(ValueError, match="n_free must be an integer >= 1"):
         train_simplex(mlp, [modes[0]], 0, x, y, SPRO_CFG, progress=False)
     with pytest.raises(ValueError, match="vol_eps must be > 0"):
         train_simplex(mlp, [modes[0]], 1, x, y, SPRO_CFG, vol_reg=0.1, vol_eps=0.0, progress=False)
@@ -503,3 +489,13 @@ def test_errors_name_the_problem(modes, mlp, digits) -> None:
         ensemble_table(torch.rand(5, 10), digits.y_test[:5])
     with pytest.raises(ValueError, match="leading size"):
         ensemble_probs(mlp, {"a": torch.zeros(2, 3), "b": torch.zeros(3, 3)}, x)
+
+
+def test_simplex_points_refuse_weights_outside_the_simplex() -> None:
+    """Simplex.points takes barycentric coordinates only, as evaluate_simplex does: [2, 2] would
+    extrapolate far outside the simplex instead of raising."""
+    s = Simplex((vec_point([0, 0, 0]), vec_point([1, 0, 0])))
+    for bad in ([[2.0, 2.0]], [[1.5, -0.5]], [[float("nan"), 1.0]]):
+        with pytest.raises(ValueError, match="barycentric"):
+            s.points(bad)
+    assert torch.equal(s.points([[0.25, 0.75]])["a"], torch.tensor([[0.75, 0.0]], dtype=torch.float64))

@@ -19,7 +19,7 @@ from reference.data import load_digits
 from reference.matching import (
     SinkhornResult,
     STEResult,
-    _midpoint_loss,
+    midpoint_loss,
     sinkhorn,
     sinkhorn_matching,
     ste_matching,
@@ -142,12 +142,11 @@ def test_sinkhorn_matching_options():
 
 
 def test_sinkhorn_matching_rejects_bad_input():
-    model = MLP(10, [8], 3)
+    model, wider = MLP(10, [8], 3), MLP(10, [9], 3)
     spec = spec_for(model)
     a = init_params(model, 0)
-    other = init_params(MLP(10, [9], 3), 0)
     with pytest.raises(ValueError, match="shape"):
-        sinkhorn_matching(spec, a, other)
+        sinkhorn_matching(spec, a, init_params(wider, 0))
     bad = {**a, "head.bias": torch.full_like(a["head.bias"], float("inf"))}
     with pytest.raises(ValueError, match="non-finite"):
         sinkhorn_matching(spec, a, bad)
@@ -156,9 +155,8 @@ def test_sinkhorn_matching_rejects_bad_input():
             sinkhorn_matching(spec, a, a, tau=tau)
     with pytest.raises(ValueError, match="keys"):
         sinkhorn_matching(spec, a, a, keys=["nope"])
-    other_spec = spec_for(MLP(10, [9], 3))
     with pytest.raises(ValueError):
-        sinkhorn_matching(spec, a, a, init=Permutation.identity(other_spec))
+        sinkhorn_matching(spec, a, a, init=Permutation.identity(spec_for(wider)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +175,7 @@ def digits_pair():
 
 
 def _mid_loss(model, a, pb, x, y) -> float:
-    return _midpoint_loss(model, a, pb, {}, x, y, 4096)
+    return midpoint_loss(model, a, pb, {}, x, y, 4096)
 
 
 def test_ste_on_digits_mlps(digits_pair):
