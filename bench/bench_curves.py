@@ -9,41 +9,27 @@ and one backward pass; ``vectorized=False`` runs T forward/backward passes per s
 objective, same number of optimizer steps). Prints the best time per epoch of each and the ratio
 loop / vmapped (> 1: vmap is faster) on every device given that this machine has (CUDA is skipped
 with a note when absent). Nothing is asserted; one untimed warm-up run of each precedes the timed
-ones.
+ones, which alternate between the two.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
+from harness import device_label, random_task, time_calls, training_parser
 
 from reference.curves import train_curve
 from reference.models import MLP, init_params
 from reference.train import TrainConfig
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = training_parser(__doc__, n=1437, width=128, repeats=3)
     ap.add_argument("--devices", default="cpu,cuda", help="comma-separated (default: cpu,cuda)")
     ap.add_argument("--t", type=int, default=4, help="points (values of t) per step (default: 4)")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--n", type=int, default=1437, help="training examples (default: 1437)")
-    ap.add_argument("--width", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is reported")
     args = ap.parse_args()
 
     d_in, n_cls = 64, 10
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.n, d_in, generator=g)
-    y = torch.randint(0, n_cls, (args.n,), generator=g)
+    x, y = random_task(args.n, (d_in,), n_cls, torch.Generator().manual_seed(0))
     model = MLP(d_in, [args.width, args.width], n_cls)
     a, b = init_params(model, 1), init_params(model, 2)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=0.05)
@@ -63,21 +49,9 @@ def main() -> None:
                 vectorized=vectorized, device=dev, progress=False,
             )  # fmt: skip
 
-        def best_per_epoch(vectorized: bool, dev: torch.device = dev) -> float:
-            run(vectorized)  # warm-up (allocator, kernels, lazy init)
-            times = []
-            for _ in range(args.repeats):
-                _sync(dev)
-                t0 = time.perf_counter()
-                run(vectorized)
-                _sync(dev)
-                times.append(time.perf_counter() - t0)
-            return min(times) / args.epochs
-
-        t_vec = best_per_epoch(True)
-        t_loop = best_per_epoch(False)
-        label = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
-        print(f"{label}:")
+        t_vec, t_loop = (t / args.epochs for t in time_calls([lambda: run(True), lambda: run(False)], dev,
+                                                              args.repeats, stat=min))
+        print(f"{device_label(dev)}:")
         print(f"  vmapped, {args.t} t per call:    {1e3 * t_vec:9.2f} ms/epoch")
         print(f"  loop, one t per pass:      {1e3 * t_loop:9.2f} ms/epoch")
         print(f"  ratio loop / vmapped:      {t_loop / t_vec:9.2f}x")

@@ -10,11 +10,11 @@ Prints, measured side by side in one run (machines are noisy, so compare ratios,
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
+from harness import devices, random_task, time_calls, versions
 
 from reference.barrier import linear_path
 from reference.evaluate import evaluate_points
@@ -23,21 +23,9 @@ from reference.models import MLP, init_params
 from reference.specs import spec_for
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time(fn, dev, repeats: int) -> float:
-    fn()  # warm-up
-    _sync(dev)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    """Median seconds per call, after a warm-up call."""
+    return time_calls([fn], dev, repeats)[0]
 
 
 @torch.no_grad()
@@ -54,9 +42,7 @@ def bench_case(name: str, in_features: int, widths: list[int], n: int, dev: torc
     model = MLP(in_features, widths, 10).to(dev).eval()
     a = {k: v.to(dev) for k, v in init_params(model, 0).items()}
     b = {k: v.to(dev) for k, v in init_params(model, 1).items()}
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, in_features, generator=g).to(dev)
-    y = torch.randint(0, 10, (n,), generator=g).to(dev)
+    x, y = (t.to(dev) for t in random_task(n, (in_features,), 10, torch.Generator().manual_seed(0)))
     _, pts = linear_path(a, b, 25)
     pts = {k: v.to(dev) for k, v in pts.items()}
     ref = _loop(model, pts, x, y)
@@ -82,15 +68,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     args = p.parse_args()
-    devs = [torch.device("cpu")]
-    if args.device in ("auto", "cuda") and torch.cuda.is_available():
-        devs = [torch.device("cuda")] if args.device == "cuda" else [torch.device("cpu"), torch.device("cuda")]
-    elif args.device == "cuda":
-        raise SystemExit("CUDA requested but not available")
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    for dev in devs:
+    print(versions())
+    for dev in devices(args.device):
         bench_case("MNIST-sized", 784, [512, 512, 512], 10_000, dev, args.repeats)
         bench_case("digits", 64, [128] * 4, 360, dev, args.repeats)
 

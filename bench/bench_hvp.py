@@ -13,34 +13,12 @@ reported. Machines are noisy: compare the ratios, not seconds.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from harness import devices, random_task, time_calls, versions
 
 from reference.hessian import hvp, hvp_double_backward, hvp_reverse_over_reverse, loss_hessian
 from reference.models import CNN1D, MLP, init_params
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _time(fns: list, dev: torch.device, repeats: int) -> list[float]:
-    """Median seconds per call of each function, the repeats interleaved round-robin (a load change
-    on a shared machine then hits every method alike)."""
-    for fn in fns:  # warm-up
-        fn()
-    _sync(dev)
-    ts: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, acc in zip(fns, ts, strict=True):
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            acc.append(time.perf_counter() - t0)
-    return [statistics.median(acc) for acc in ts]
 
 
 def bench_case(name: str, model, x_shape: tuple[int, ...], n: int, dev: torch.device, dtype: torch.dtype,
@@ -48,8 +26,8 @@ def bench_case(name: str, model, x_shape: tuple[int, ...], n: int, dev: torch.de
     model = model.to(dev, dtype)
     params = {kk: v.to(dev, dtype) for kk, v in init_params(model, 0).items()}
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(n, *x_shape, generator=g).to(dev, dtype)
-    y = torch.randint(0, 10, (n,), generator=g).to(dev)
+    x, y = random_task(n, x_shape, 10, g)
+    x, y = x.to(dev, dtype), y.to(dev)
     H = loss_hessian(model, params, x, y)
     f = H.loss_fn()
     v = torch.randn(H.dim, generator=g).to(dev, dtype)
@@ -59,12 +37,12 @@ def bench_case(name: str, model, x_shape: tuple[int, ...], n: int, dev: torch.de
     for other in (hvp_double_backward(f, H.theta, v), hvp_reverse_over_reverse(f, H.theta, v)):
         torch.testing.assert_close(other, ref, rtol=tol, atol=tol * float(ref.abs().max()))
     print(f"\n{name}: {H.dim} parameters, {n} inputs, {dtype}, {dev}")
-    t_db, t_for, t_rr = _time([lambda: hvp_double_backward(f, H.theta, v), lambda: hvp(f, H.theta, v),
-                               lambda: hvp_reverse_over_reverse(f, H.theta, v)], dev, repeats)
+    t_db, t_for, t_rr = time_calls([lambda: hvp_double_backward(f, H.theta, v), lambda: hvp(f, H.theta, v),
+                                    lambda: hvp_reverse_over_reverse(f, H.theta, v)], dev, repeats)
     print(f"  double backward (autograd.grad ×2):    {1e3 * t_db:8.2f} ms   1.00×")
     print(f"  forward-over-reverse (jvp ∘ grad):      {1e3 * t_for:8.2f} ms   {t_db / t_for:.2f}× double backward")
     print(f"  reverse-over-reverse (vjp ∘ grad):      {1e3 * t_rr:8.2f} ms   {t_db / t_rr:.2f}× double backward")
-    t_loop, t_many = _time([lambda: [H.hvp(V[i]) for i in range(k)], lambda: H.hvp_many(V)], dev, repeats)
+    t_loop, t_many = time_calls([lambda: [H.hvp(V[i]) for i in range(k)], lambda: H.hvp_many(V)], dev, repeats)
     print(f"  {k} HVPs, one call each (LossHessian.hvp): {1e3 * t_loop:8.2f} ms = {1e3 * t_loop / k:.2f} ms/HVP")
     print(f"  {k} HVPs, one vmapped call (hvp_many):    {1e3 * t_many:8.2f} ms = {1e3 * t_many / k:.2f} ms/HVP   "
           f"{t_loop / t_many:.2f}× the loop")
@@ -77,15 +55,9 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--k", type=int, default=16, help="HVPs per vmapped call")
     args = p.parse_args()
-    devs = [torch.device("cpu")]
-    if args.device in ("auto", "cuda") and torch.cuda.is_available():
-        devs = [torch.device("cuda")] if args.device == "cuda" else [torch.device("cpu"), torch.device("cuda")]
-    elif args.device == "cuda":
-        raise SystemExit("CUDA requested but not available")
     dtype = getattr(torch, args.dtype)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
-          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-    for dev in devs:
+    print(versions())
+    for dev in devices(args.device):
         bench_case("digits MLP 64-24-24-10 (the rashomon-hessian net)", MLP(64, [24, 24], 10), (64,), 1437, dev,
                    dtype, args.repeats, args.k)
         bench_case("MLP 784-256-256-10", MLP(784, [256, 256], 10), (784,), 2000, dev, dtype, args.repeats, args.k)

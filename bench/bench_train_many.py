@@ -4,15 +4,13 @@
 
 Default workload: K=4 MLPs 64-512-512-10, 2000 random examples, 3 epochs, batch 128, SGD. Prints
 both times and their ratio (sequential / batched: > 1 means ``train_many`` is faster). Nothing is
-asserted; one untimed warm-up run of each precedes the timed ones.
+asserted; one untimed warm-up run of each precedes the timed ones, which alternate between the two.
 """
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
+from harness import device_label, random_task, time_calls, training_parser
 from torch import nn
 
 from reference.train import TrainConfig, pick_device, train, train_many
@@ -24,27 +22,15 @@ def make_mlp(d_in: int, width: int, n_cls: int) -> nn.Module:
     )
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = training_parser(__doc__, n=2000, width=512, repeats=1)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default: auto)")
     ap.add_argument("--k", type=int, default=4, help="number of models (default: 4)")
-    ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--n", type=int, default=2000, help="training examples (default: 2000)")
-    ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=1, help="timed repetitions; the best is reported")
     args = ap.parse_args()
 
     dev = pick_device(args.device)
     d_in, n_cls = 64, 10
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.n, d_in, generator=g)
-    y = torch.randint(0, n_cls, (args.n,), generator=g)
+    x, y = random_task(args.n, (d_in,), n_cls, torch.Generator().manual_seed(0))
     model = make_mlp(d_in, args.width, n_cls)
     points = []
     for k in range(args.k):
@@ -60,25 +46,9 @@ def main() -> None:
     def batched() -> None:
         train_many(model, points, x, y, cfg, seeds, device=dev, progress=False)
 
-    def best_time(fn) -> float:
-        fn()  # warm-up (allocator, kernels, lazy init)
-        times = []
-        for _ in range(args.repeats):
-            _sync(dev)
-            t0 = time.perf_counter()
-            fn()
-            _sync(dev)
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    t_seq = best_time(sequential)
-    t_many = best_time(batched)
-    if dev.type == "cuda":
-        name = torch.cuda.get_device_name(dev)
-    else:
-        name = f"cpu ({torch.get_num_threads()} threads)"
+    t_seq, t_many = time_calls([sequential, batched], dev, args.repeats, stat=min)
     print(
-        f"device {name}; K={args.k} MLPs {d_in}-{args.width}-{args.width}-{n_cls}, n={args.n}, "
+        f"device {device_label(dev)}; K={args.k} MLPs {d_in}-{args.width}-{args.width}-{n_cls}, n={args.n}, "
         f"{args.epochs} epochs, batch {args.batch_size}, torch {torch.__version__}"
     )
     print(f"sequential train x{args.k}: {t_seq:8.3f} s")

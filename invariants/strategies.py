@@ -168,6 +168,16 @@ def _norm_and_groups(draw: st.DrawFn, norms: Sequence[str | None]) -> tuple[str 
     return norm, groups
 
 
+def _channels(draw: st.DrawFn, n: int, widths: tuple[int, int], norm: str | None, groups: int) -> list[int]:
+    """``n`` channel counts in ``widths``; under GroupNorm, multiples of the group count with ≥ 2 channels
+    per group (a one-element group normalises rounding noise)."""
+    if norm != "group":
+        return [draw(st.integers(*widths)) for _ in range(n)]
+    lo = max(2, -(-widths[0] // groups))
+    hi = max(lo, widths[1] // groups)
+    return [groups * draw(st.integers(lo, hi)) for _ in range(n)]
+
+
 @st.composite
 def vgg_archs(
     draw: st.DrawFn, max_convs: int = 3, widths: tuple[int, int] = (2, 5), inputs: tuple[int, int] = (1, 3)
@@ -176,13 +186,7 @@ def vgg_archs(
     to two ``"M"`` pools, ``dims`` 1 or 2."""
     norm, groups = _norm_and_groups(draw, NORMS)
     dims = draw(st.sampled_from([1, 2]))
-    n = draw(st.integers(1, max_convs))
-    if norm == "group":  # widths are multiples of the group count
-        lo = max(2, -(-widths[0] // groups))  # ≥ 2 channels per GroupNorm group
-        hi = max(lo, widths[1] // groups)
-        ws = [groups * draw(st.integers(lo, hi)) for _ in range(n)]
-    else:
-        ws = [draw(st.integers(*widths)) for _ in range(n)]
+    ws = _channels(draw, draw(st.integers(1, max_convs)), widths, norm, groups)
     channels: list[int | str] = []
     pools = 0
     for w in ws:
@@ -209,11 +213,7 @@ def vgg_archs(
 def resnet_archs(draw: st.DrawFn, bases: tuple[int, int] = (2, 4), inputs: tuple[int, int] = (1, 3)) -> Arch:
     """The CIFAR ResNet at depth 8 (one basic block per stage), base width in ``bases``."""
     norm, groups = _norm_and_groups(draw, RESNET_NORMS)
-    if norm == "group":
-        lo = max(2, -(-bases[0] // groups))
-        base = groups * draw(st.integers(lo, max(lo, bases[1] // groups)))
-    else:
-        base = draw(st.integers(*bases))
+    (base,) = _channels(draw, 1, bases, norm, groups)
     dims = draw(st.sampled_from([1, 2]))
     size = draw(st.integers(4, 8)) if dims == 2 else draw(st.integers(4, 12))
     in_channels = draw(st.integers(*inputs))
@@ -242,12 +242,7 @@ def cnn1d_archs(
     """MNIST-1D's CNN: 1–``max_convs`` conv blocks, odd kernel 1–5, 2× pools between blocks."""
     norm, groups = _norm_and_groups(draw, NORMS)
     n = draw(st.integers(1, max_convs))
-    if norm == "group":
-        lo = max(2, -(-widths[0] // groups))  # ≥ 2 channels per GroupNorm group
-        hi = max(lo, widths[1] // groups)
-        channels = [groups * draw(st.integers(lo, hi)) for _ in range(n)]
-    else:
-        channels = [draw(st.integers(*widths)) for _ in range(n)]
+    channels = _channels(draw, n, widths, norm, groups)
     in_channels = draw(st.integers(*inputs))
     length = draw(st.integers(2 ** (n - 1), 2 ** (n - 1) + 8))
     cfg = {

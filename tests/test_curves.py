@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from tiny_nets import bn_point, relu_mlp
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -17,28 +18,20 @@ from reference.bn import recompute_bn_stats, recompute_bn_stats_batched
 from reference.curves import Bezier, Curve, PolyChain, curve_loss, evaluate_curve, make_kind, train_curve
 from reference.evaluate import evaluate_points
 from reference.params import Params, unstack
-from reference.train import TrainConfig, train
+from reference.train import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one intra-op thread (two threads on a loaded 2-core machine were measured ~100×
-    slower on the digits MLP: thread wake-ups dominate). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks (tests/conftest.py)
 
 KINDS = [Bezier(n) for n in (1, 2, 3, 4)] + [PolyChain(b) for b in (1, 2, 3)]
 D_IN, N_CLS = 6, 3
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(D_IN, 8), nn.ReLU(), nn.Linear(8, N_CLS))
+    return relu_mlp(D_IN, [8], N_CLS)
 
 
 def bn_net(momentum: float | None = 0.1) -> nn.Module:
+    # two BatchNorm layers, the second after a Linear with a bias
     return nn.Sequential(
         nn.Linear(D_IN, 8, bias=False),
         nn.BatchNorm1d(8, momentum=momentum),
@@ -51,19 +44,8 @@ def bn_net(momentum: float | None = 0.1) -> nn.Module:
 
 
 def point(make, seed: int, dtype: torch.dtype = torch.float64) -> Params:
-    """An initialisation with non-trivial BatchNorm statistics (not 0 / 1)."""
-    torch.manual_seed(seed)
-    sd = make().state_dict()
-    out = {}
-    for k, v in sd.items():
-        if k.endswith("running_mean"):
-            v = torch.randn_like(v)
-        elif k.endswith("running_var"):
-            v = torch.rand_like(v) + 0.5
-        elif k.endswith("num_batches_tracked"):
-            v = torch.tensor(seed + 3)
-        out[k] = (v.to(dtype) if v.is_floating_point() else v).clone()
-    return out
+    """An initialisation with non-trivial BatchNorm statistics (not 0 / 1), in ``dtype``."""
+    return bn_point(make, seed, dtype)
 
 
 def data(n: int = 96, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -234,20 +216,6 @@ def test_curve_loss_in_eval_mode_is_evaluate_points() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # training
-
-
-@pytest.fixture(scope="module")
-def digits_modes():
-    from reference.data import load_digits
-    from reference.models import MLP, init_params
-
-    torch.manual_seed(0)
-    ds = load_digits()
-    model = MLP(64, [32, 32], 10)
-    cfg = TrainConfig(epochs=20, batch_size=64, lr=0.05)
-    a = train(model, init_params(model, 1), ds.x_train, ds.y_train, cfg, seed=1, progress=False)
-    b = train(model, init_params(model, 2), ds.x_train, ds.y_train, cfg, seed=2, progress=False)
-    return model, ds, a, b
 
 
 def test_trained_bezier_lowers_the_barrier_on_digits(digits_modes) -> None:

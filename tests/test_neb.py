@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from tiny_nets import bn_mlp, bn_point, relu_mlp
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -29,43 +30,22 @@ from reference.neb import (
     redistribute,
 )
 from reference.params import Params, unstack
-from reference.train import TrainConfig, train
+from reference.train import TrainConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: one intra-op thread (see tests/test_curves.py). Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny networks (tests/conftest.py)
 
 D_IN, N_CLS = 6, 3
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(D_IN, 8), nn.ReLU(), nn.Linear(8, N_CLS)).double()
+    return relu_mlp(D_IN, [8], N_CLS).double()
 
 
 def bn_net() -> nn.Module:
-    return nn.Sequential(
-        nn.Linear(D_IN, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, N_CLS)
-    ).double()
+    return bn_mlp(D_IN, [8], N_CLS).double()
 
 
-def point(make, seed: int) -> Params:
-    torch.manual_seed(seed)
-    out = {}
-    for k, v in make().state_dict().items():
-        if k.endswith("running_mean"):
-            v = torch.randn_like(v)
-        elif k.endswith("running_var"):
-            v = torch.rand_like(v) + 0.5
-        elif k.endswith("num_batches_tracked"):
-            v = torch.tensor(seed + 3)
-        out[k] = v.clone()
-    return out
+point = bn_point  # float64 initialisations (the nets are), BatchNorm statistics not 0 / 1
 
 
 def data(n: int = 96, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -134,19 +114,6 @@ def test_interp_coeffs_and_redistribute_on_a_bent_chain() -> None:
 
 # ---------------------------------------------------------------------------------------------
 # relaxation
-
-
-@pytest.fixture(scope="module")
-def digits_modes():
-    from reference.data import load_digits
-    from reference.models import MLP, init_params
-
-    ds = load_digits()
-    model = MLP(64, [32, 32], 10)
-    cfg = TrainConfig(epochs=20, batch_size=64, lr=0.05)
-    a = train(model, init_params(model, 1), ds.x_train, ds.y_train, cfg, seed=1, progress=False)
-    b = train(model, init_params(model, 2), ds.x_train, ds.y_train, cfg, seed=2, progress=False)
-    return model, ds, a, b
 
 
 def test_autoneb_lowers_the_barrier_on_digits(digits_modes) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_nets import bn_mlp, relu_mlp
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -18,19 +19,14 @@ D_IN, N_CLS, N = 10, 3, 256
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(D_IN, 32), nn.ReLU(), nn.Linear(32, N_CLS))
+    return relu_mlp(D_IN, [32], N_CLS)
 
 
 def bn_net(momentum: float | None = 0.1) -> nn.Module:
     # No bias before BatchNorm (as usual): its true gradient is 0, so Adam's m/√v would turn the
     # rounding noise of that gradient into lr-sized steps that differ between batched and sequential
     # kernels in float32 (observed: 2e-3 apart after 3 epochs; every other key within 1e-7).
-    return nn.Sequential(
-        nn.Linear(D_IN, 32, bias=False),
-        nn.BatchNorm1d(32, momentum=momentum),
-        nn.ReLU(),
-        nn.Linear(32, N_CLS),
-    )
+    return bn_mlp(D_IN, [32], N_CLS, momentum, bias=False)
 
 
 ARCHS = {"mlp": mlp, "bn": bn_net}

@@ -19,8 +19,8 @@ from reference.evaluate import evaluate_points
 from reference.models import build_model
 from reference.params import stack
 from reference.train import TrainConfig
-from repro.runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target
-from repro.runner.declare import register
+from repro.runner import DataRef, Endpoint, Job, JobContext, Report, Results
+from repro.runner.declare import declare
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,11 @@ def toy_report(cfg: ToyConfig, results: Results) -> Report:
     return rep
 
 
-CLAIMS = (Claim("finite", "the loss is finite", "—"), Claim("small", "the loss is below 100", "—"))
+CLAIM_IDS = ("finite", "small")
 SIZES = {"quick": ToyConfig(), "cpu": ToyConfig(), "paper": ToyConfig(dataset="mnist")}
 
-TOY = register(Target(name="toy", paper="a test target", arxiv="", config=ToyConfig, sizes=SIZES,
-                      datasets=("digits", "mnist1d", "mnist"), claims=CLAIMS, jobs=toy_jobs, report=toy_report,
-                      module_file=__file__))
-TOY_MONO = register(Target(name="toy-mono", paper="a test target with one dataset", arxiv="", config=ToyConfig,
-                           sizes={k: ToyConfig() for k in SIZES}, datasets=("digits",), claims=CLAIMS,
-                           jobs=toy_jobs, report=toy_report, module_file=__file__))
+# declared as a researcher's own target would be: papers and claims in toy_target.toml beside this file
+TOY = declare("toy", __file__, config=ToyConfig, sizes=SIZES, jobs=toy_jobs, report=toy_report,
+              datasets=("digits", "mnist1d", "mnist"), claim_ids=CLAIM_IDS)
+TOY_MONO = declare("toy-mono", __file__, config=ToyConfig, sizes={k: ToyConfig() for k in SIZES}, jobs=toy_jobs,
+                   report=toy_report, datasets=("digits",), claim_ids=CLAIM_IDS)

@@ -9,7 +9,7 @@ train and test; barrier vs width; the spread of weight matching over random grou
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from reference.barrier import BARRIER_KINDS, evaluate_path, linear_path
 from reference.evaluate import evaluate_points
@@ -19,8 +19,9 @@ from reference.params import stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, fmt_pm, mean_std, seaborn
-from ..runner.declare import register
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner.declare import declare
+from .reporting import summary_rows
 
 METHODS = ("naive", "weight", "activation")
 
@@ -34,8 +35,8 @@ class MLPConfig:
     pairs: int = 3
     grid: int = 25
     restarts: int = 5
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", weight_decay=0.0, schedule="cosine"))
+    train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", weight_decay=0.0,
+                                     schedule="cosine")
 
 
 MLP_SIZES = {
@@ -176,15 +177,10 @@ def mlp_report(cfg: MLPConfig, res_all: Results) -> Report:
     cols = [f"{s}_{m}_{k}" for s in ("train", "test") for m in ("loss", "error") for k in BARRIER_KINDS]
     rep.table("barriers_per_pair", rows, ["width", "pair", "method", *cols],
                     title="Barriers per pair (kind: mid = Git Re-Basin Def. 2.2; max_chord = Frankle et al.)")
-    summary_rows = []
-    for width in cfg.widths:
-        for method in METHODS:
-            sel = [r for r in rows if r["width"] == width and r["method"] == method]
-            summary_rows.append({"width": width, "method": method, "pairs": len(sel),
-                                 **{c: fmt_pm([r[c] for r in sel]) for c in
-                                    ("train_loss_mid", "test_loss_mid", "train_error_mid", "test_error_mid",
-                                     "train_loss_max_chord")}})
-    rep.table("barriers", summary_rows,
+    summary = summary_rows(rows, {"width": cfg.widths, "method": METHODS},
+                           ("train_loss_mid", "test_loss_mid", "train_error_mid", "test_error_mid",
+                            "train_loss_max_chord"))
+    rep.table("barriers", summary,
                     title=f"Barriers (mean ± std over pairs), {cfg.dataset}, MLP {cfg.depth} hidden layers, "
                           f"grid {cfg.grid} points")
     spread = []
@@ -234,31 +230,9 @@ def mlp_report(cfg: MLPConfig, res_all: Results) -> Report:
     return rep
 
 
-MLP = register(Target(
-    name="ainsworth2023-mlp",
-    paper="Git Re-Basin: Merging Models modulo Permutation Symmetries (Ainsworth et al., ICLR 2023)",
-    arxiv="2209.04836",
-    config=MLPConfig,
-    sizes=MLP_SIZES,
-    datasets=("digits", "mnist1d", "mnist", "cifar10"),
-    claims=(
-        Claim("wm-removes-most",
-              "at the largest width, weight matching removes more than half of the naive train loss barrier "
-              "(mid: max_λ L − mean of endpoint losses)",
-              "MNIST MLP (512×3): naive loss barrier clearly positive, ≈0 after weight matching (Fig. 2)"),
-        Claim("am-removes-most",
-              "at the largest width, activation matching removes more than half of the naive train loss barrier",
-              "MNIST MLP: activation matching reaches ≈0 barrier as well (Fig. 2)"),
-        Claim("wm-shrinks-with-width",
-              "the train loss barrier after weight matching shrinks as width grows "
-              "(Spearman ρ(width, barrier) < 0 and the widest net's barrier below the narrowest's)",
-              "barrier after matching decreases with width; wide models are linearly connected (Fig. 4)"),
-    ),
-    jobs=mlp_jobs,
-    report=mlp_report,
-    description="Naive vs weight vs activation matching barriers of MLPs across widths.",
-    module_file=__file__,
-))
+MLP = declare("ainsworth2023-mlp", __file__, config=MLPConfig, sizes=MLP_SIZES, jobs=mlp_jobs, report=mlp_report,
+              datasets=("digits", "mnist1d", "mnist", "cifar10"),
+              claim_ids=("wm-removes-most", "am-removes-most", "wm-shrinks-with-width"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,8 +257,7 @@ class WidthConfig:
     ste_steps: int = 200
     ste_lr: float = 1e-2
     ste_batch: int = 256
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
     resnet_train: TrainConfig | None = None  # None: the same as ``train``
 
 
@@ -467,25 +440,6 @@ def _width_figure(rows: list[dict]):
     return fig
 
 
-WIDTH = register(Target(
-    name="ainsworth2023-width",
-    paper="Git Re-Basin: Merging Models modulo Permutation Symmetries (Ainsworth et al., ICLR 2023), Fig. 4; "
-          "REPAIR (Jordan et al., ICLR 2023)",
-    arxiv="2209.04836",
-    config=WidthConfig,
-    sizes=WIDTH_SIZES,
-    datasets=("mnist1d", "digits", "mnist", "cifar10"),
-    claims=(
-        Claim("width-shrinks-barrier", "the weight-matching train-loss barrier decreases with width "
-                                       "(Spearman ρ < 0, widest below narrowest), for the MLP and the BN ResNet",
-              "wider models are easier to align: barrier → 0 with width (Fig. 4)"),
-        Claim("repair-helps", "REPAIR (MLP) / BN reset (ResNet) lowers the weight-matched barrier at every width",
-              "REPAIR reduces the barrier by up to 90% (Jordan et al. 2023); BN reset is required for BN nets"),
-        Claim("ste-at-least-wm", "the STE's train-loss barrier (no repair) is ≤ weight matching's at every width",
-              "STE reaches lower barriers than weight matching (Fig. 2, Table 1)"),
-    ),
-    jobs=width_jobs,
-    report=width_report,
-    description="Barrier vs width ×1…×16 for MLPs and a BN ResNet: naive, WM, AM, STE, ± REPAIR / BN reset.",
-    module_file=__file__,
-))
+WIDTH = declare("ainsworth2023-width", __file__, config=WidthConfig, sizes=WIDTH_SIZES, jobs=width_jobs,
+                report=width_report, datasets=("mnist1d", "digits", "mnist", "cifar10"),
+                claim_ids=("width-shrinks-barrier", "repair-helps", "ste-at-least-wm"))

@@ -14,12 +14,12 @@ The tables cover every dataset of the config's ``datasets`` (rows in that order)
 path pair and each ensemble is one job; its networks are declared endpoints.
 
 The source available to this suite (the authors' README and code) carries no numbers of the paper's
-tables, so each claim below states the paper's qualitative finding and says so; ours are measured.
+tables, so each claim (anokhin2020.toml) states the paper's qualitative finding and says so; ours are measured.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,13 +31,12 @@ from reference.models import build_model
 from reference.params import stack
 from reference.train import TrainConfig
 
-from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, fmt_pm, mean_std, seaborn
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
 from ..runner.context import LoadedData, data_fingerprint
-from ..runner.declare import register
+from ..runner.declare import declare
 
 TABLE1 = ("Linear", "Arc", "Linear + WA", "Arc + WA", "OT", "OT + WA")
 TABLE2 = ("Linear", "Arc", "Linear + B-fly", "Arc + B-fly", "Linear + WA", "Arc + WA", "OT + B-fly", "OT + WA")
-NOTE = "qualitative; the provided source has no table values"
 N_TOPS = (1, 2)  # WA(1), WA(2)
 NO_ENSEMBLE = "no WA ensemble in this run (ensemble_width is not among deep_widths)"
 
@@ -55,8 +54,7 @@ class AnokhinConfig:
     points_per_segment: int = 11
     ensemble_width: int = 64  # a deep width: WA(1), WA(2) of 3-layer nets
     ensemble_members: int = 5
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
 
 
 SIZES = {
@@ -354,41 +352,8 @@ def _figure(curves: dict):
     return fig
 
 
-NAME = register(Target(
-    name="anokhin2020-connectors",
-    paper="Anokhin & Yarotsky 2020, Low-loss connection of weight vectors: distribution-based approaches (ICML)",
-    arxiv="2008.00741",
-    config=AnokhinConfig,
-    sizes=SIZES,
-    datasets=("digits", "mnist1d", "mnist", "cifar10"),
-    claims=(
-        Claim("arc-below-linear", "one hidden layer: Arc's max train loss < Linear's, in every (dataset, width) cell",
-              f"Table 1: Arc connects with lower loss than Linear ({NOTE})"),
-        Claim("wa-lowers-loss",
-              "one hidden layer: Linear + WA < Linear and Arc + WA < Arc (max train loss), every cell",
-              f"Table 1: weight adjustment reduces the loss along the path ({NOTE})"),
-        Claim("ot-below-linear", "one hidden layer: OT's max train loss < Linear's, every cell",
-              f"Table 1: pairing units by optimal transport before interpolating helps ({NOTE})"),
-        Claim("ot-wa-best-one-layer",
-              "one hidden layer: OT + WA has the lowest max train loss of the six, every cell",
-              f"abstract: accuracy correlates with complexity and sensitivity to the endpoints' detail ({NOTE})"),
-        Claim("width-helps", "one hidden layer: Arc and OT max train loss lower at the largest width than at the "
-                             "smallest, every dataset",
-              f"distribution-based (mean-field) connectors work better for wider nets ({NOTE})"),
-        Claim("stepwise-below-simultaneous",
-              "3-layer nets: every stepwise method (B-fly, WA, OT) < min(Linear, Arc) in max train loss, every cell",
-              f"Table 2: stepwise procedures connect deep nets far better than simultaneous ones ({NOTE})"),
-        Claim("ot-wa-best-deep", "3-layer nets: OT + WA has the lowest max train loss of the eight, every cell",
-              f"Table 2: OT + WA is the most accurate connector ({NOTE})"),
-        Claim("wa-ensemble-beats-single",
-              "WA(1) and WA(2) ensembles have lower test error than the mean single net",
-              f"§6: WA ensembling improves on a single network ({NOTE})"),
-        Claim("wa-ensemble-order", "test error WA(1) ≥ WA(2) ≥ ordinary ensemble (more member-specific layers, "
-                                   "more diversity)",
-              f"§6: WA(n) trades ensemble gain for a shared trunk ({NOTE})"),
-    ),
-    jobs=anokhin_jobs,
-    report=anokhin_report,
-    description="Tables 1 and 2 (max train loss / test error along each connector) and WA(n) ensembles.",
-    module_file=__file__,
-))
+NAME = declare("anokhin2020-connectors", __file__, config=AnokhinConfig, sizes=SIZES, jobs=anokhin_jobs,
+               report=anokhin_report, datasets=("digits", "mnist1d", "mnist", "cifar10"),
+               claim_ids=("arc-below-linear", "wa-lowers-loss", "ot-below-linear", "ot-wa-best-one-layer",
+                          "width-helps", "stepwise-below-simultaneous", "ot-wa-best-deep", "wa-ensemble-beats-single",
+                          "wa-ensemble-order"))

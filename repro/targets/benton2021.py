@@ -9,7 +9,7 @@ deep ensemble of the same K modes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -20,8 +20,8 @@ from reference.params import float_keys, stack
 from reference.simplex import Simplex, sample_members, train_simplex
 from reference.train import TrainConfig
 
-from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, fmt_pm, mean_std, seaborn
-from ..runner.declare import register
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner.declare import declare
 
 ARCHS = ("mlp", "vgg")
 
@@ -41,10 +41,8 @@ class SimplexConfig:
     members_per_simplex: int = 5
     vol_reg: float = 0.05
     samples_per_step: int = 4
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
-    vertex_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    vertex_train: TrainConfig = TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
 
 
 # VGG-16's conv stages (13 conv layers, 5 max-pools)
@@ -114,6 +112,22 @@ def modes_job(args: ModesArgs, ctx: JobContext) -> dict:
 
 
 @dataclass(frozen=True)
+class VertexTraining:
+    """How the free vertices of a simplex around one mode are trained, in SPRO and ESPRO alike:
+    ``vertex_train`` with ``samples_per_step`` points of the simplex per step and the volume regulariser
+    ``vol_reg`` (``reference.simplex.train_simplex``)."""
+
+    vertex_train: TrainConfig
+    samples_per_step: int
+    vol_reg: float
+
+    def simplex(self, model, mode: dict, n_free: int, data, seed: int, ctx: JobContext):
+        return train_simplex(model, [mode], n_free, data.x_train, data.y_train, self.vertex_train, seed=seed,
+                             samples_per_step=self.samples_per_step, vol_reg=self.vol_reg, device=ctx.dev,
+                             progress=ctx.progress)
+
+
+@dataclass(frozen=True)
 class SproArgs:
     """One SPRO simplex with ``n_free`` free vertices around ``mode``, and its random-direction control."""
 
@@ -121,9 +135,7 @@ class SproArgs:
     mode: Endpoint
     data: DataRef
     n_free: int
-    vertex_train: TrainConfig
-    samples_per_step: int
-    vol_reg: float
+    training: VertexTraining
     samples: int
     seed: int
 
@@ -133,9 +145,7 @@ def spro_job(args: SproArgs, ctx: JobContext) -> dict:
     model = build_model(args.model).to(ctx.dev)
     mode = ctx.endpoint(args.mode)
     xte, yte = data.x_test, data.y_test
-    cx = train_simplex(model, [mode], args.n_free, data.x_train, data.y_train, args.vertex_train,
-                       seed=args.seed, samples_per_step=args.samples_per_step, vol_reg=args.vol_reg,
-                       device=ctx.dev, progress=ctx.progress)
+    cx = args.training.simplex(model, mode, args.n_free, data, args.seed, ctx)
     g = torch.Generator().manual_seed(args.seed + 17)
     pts = cx.sample(args.samples, g)
     m = evaluate_points(model, {k: v.to(ctx.dev) for k, v in pts.items()}, xte, yte)
@@ -156,9 +166,7 @@ class EsproArgs:
     modes: tuple[Endpoint, ...]
     data: DataRef
     espro_free: int
-    vertex_train: TrainConfig
-    samples_per_step: int
-    vol_reg: float
+    training: VertexTraining
     members_per_simplex: int
     seed: int
 
@@ -169,11 +177,8 @@ def espro_job(args: EsproArgs, ctx: JobContext) -> dict:
     modes = ctx.endpoints(args.modes)
     xte, yte = data.x_test, data.y_test
     out = []
-    cxs = []
-    for j, mode in enumerate(modes):
-        cxs.append(train_simplex(model, [mode], args.espro_free, data.x_train, data.y_train, args.vertex_train,
-                                 seed=args.seed + 100 + j, samples_per_step=args.samples_per_step,
-                                 vol_reg=args.vol_reg, device=ctx.dev, progress=ctx.progress))
+    cxs = [args.training.simplex(model, mode, args.espro_free, data, args.seed + 100 + j, ctx)
+           for j, mode in enumerate(modes)]
     for K in range(1, len(modes) + 1):
         members = sample_members(cxs[:K], args.members_per_simplex, torch.Generator().manual_seed(args.seed + K))
         pe = ensemble_probs(model, members, xte, device=ctx.dev)
@@ -210,14 +215,14 @@ def jobs(cfg: SimplexConfig, data) -> list[Job]:
     mcfg = _model_config(cfg, data)
     seeds = [cfg.seed * 1000 + i for i in range(cfg.modes)]
     modes = tuple(Endpoint(mcfg, cfg.train, s, data.ref) for s in seeds)
+    training = VertexTraining(cfg.vertex_train, cfg.samples_per_step, cfg.vol_reg)
     out = [Job(modes_job, ModesArgs(mcfg, modes, data.ref))]
     # (a) SPRO simplexes of growing dimension around mode 0, and their random-direction controls
-    out += [Job(spro_job, SproArgs(mcfg, modes[0], data.ref, n_free, cfg.vertex_train, cfg.samples_per_step,
-                                   cfg.vol_reg, cfg.samples, cfg.seed))
+    out += [Job(spro_job, SproArgs(mcfg, modes[0], data.ref, n_free, training, cfg.samples, cfg.seed))
             for n_free in cfg.free_vertices]
     # (b) ESPRO vs deep ensembles of the same number of modes
-    out.append(Job(espro_job, EsproArgs(mcfg, modes, data.ref, cfg.espro_free, cfg.vertex_train,
-                                        cfg.samples_per_step, cfg.vol_reg, cfg.members_per_simplex, cfg.seed)))
+    out.append(Job(espro_job, EsproArgs(mcfg, modes, data.ref, cfg.espro_free, training, cfg.members_per_simplex,
+                                        cfg.seed)))
     return out
 
 
@@ -283,24 +288,6 @@ def _figure(complexes: dict, mode_acc: float, espro: list[dict]):
     return fig
 
 
-SIMPLEXES = register(Target(
-    name="benton2021-simplexes",
-    paper="Loss Surface Simplexes for Mode Connecting Volumes and Fast Ensembling (Benton et al., ICML 2021)",
-    arxiv="2102.13042",
-    config=SimplexConfig,
-    sizes=SIZES,
-    datasets=("mnist1d", "digits", "mnist", "cifar10"),
-    claims=(
-        Claim("spro-low-loss",
-              "mean test accuracy of points sampled in each SPRO simplex is within 1 point of the mode's",
-              "simplexes of 1–3+ free vertices keep the mode's accuracy (Fig. 3, Sec. 5)"),
-        Claim("espro-beats-deep-ensemble",
-              "with all the modes, ESPRO has higher accuracy and lower NLL than the deep ensemble of the same modes",
-              "ESPRO outperforms deep ensembles of the same number of independently trained models (Fig. 5)"),
-    ),
-    jobs=jobs,
-    report=report,
-    description="SPRO simplexes with 1–3 free vertices around a mode, against random-direction controls; "
-                "ESPRO vs deep ensembles.",
-    module_file=__file__,
-))
+SIMPLEXES = declare("benton2021-simplexes", __file__, config=SimplexConfig, sizes=SIZES, jobs=jobs, report=report,
+                    datasets=("mnist1d", "digits", "mnist", "cifar10"),
+                    claim_ids=("spro-low-loss", "espro-beats-deep-ensemble"))

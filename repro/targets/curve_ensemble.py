@@ -13,7 +13,7 @@ we average their probabilities (the usual ensemble), and say so in the table tit
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -24,10 +24,11 @@ from reference.landscape import plane_basis, plane_grid, plot_plane, project
 from reference.models import build_model
 from reference.train import TrainConfig
 
-from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, seaborn
-from ..runner.declare import register
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, seaborn
+from ..runner.declare import declare
 
-# The write-up's table (small CNN on CIFAR-10): start, end, curve ensemble.
+# The write-up's table (small CNN on CIFAR-10): start, end, curve ensemble (the claims in curve_ensemble.toml
+# quote it too).
 WRITEUP = {
     "start": {"nll": 0.5877, "ece": 0.0232, "accuracy": 0.8025, "auroc": 0.9778},
     "end": {"nll": 0.6073, "ece": 0.0216, "accuracy": 0.7918, "auroc": 0.9761},
@@ -43,11 +44,9 @@ class CurveEnsembleConfig:
     members: int = 20
     t_grid: int = 21
     plane_grid: int = 31
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
     # the curve gets the endpoints' training budget (Garipov et al. train curves as long as the models)
-    curve_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    curve_train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
 
 
 SIZES = {
@@ -154,11 +153,6 @@ def _figures(rep: Report, along: list[dict], plane: dict, curve_xy: list) -> Non
     rep.figure("plane_landscape", fig)
 
 
-def _writeup(m: str) -> str:
-    return (f" (write-up, CIFAR-10: start / end / ensemble "
-            f"{WRITEUP['start'][m]} / {WRITEUP['end'][m]} / {WRITEUP['ensemble'][m]} )")
-
-
 def curve_ensemble_report(cfg: CurveEnsembleConfig, results: Results) -> Report:
     """Start / end / curve-ensemble table, metrics along t, and the landscape in the curve's plane."""
     rep = Report()
@@ -189,23 +183,6 @@ def curve_ensemble_report(cfg: CurveEnsembleConfig, results: Results) -> Report:
     return rep
 
 
-CURVE_ENSEMBLE = register(Target(
-    name="curve-ensemble",
-    paper="Mode connectivity with a Bézier curve (simoneiriksson/mode-connectivity write-up of Garipov et al. 2018)",
-    arxiv="1802.10026",
-    config=CurveEnsembleConfig,
-    sizes=SIZES,
-    datasets=("mnist1d", "digits", "mnist", "cifar10"),
-    claims=(
-        Claim("ensemble-lower-ce", "cross-entropy of the curve ensemble < both endpoints'",
-              "0.5447 vs 0.5877 / 0.6073" + _writeup("nll")),
-        Claim("ensemble-higher-acc-auroc", "accuracy and AUROC of the curve ensemble > both endpoints'",
-              "accuracy 0.8158 vs 0.8025 / 0.7918; AUROC 0.9808 vs 0.9778 / 0.9761"),
-        Claim("ensemble-higher-ece", "ECE of the curve ensemble > both endpoints' (more conservative predictions)",
-              "0.0374 vs 0.0232 / 0.0216" + _writeup("ece")),
-    ),
-    jobs=curve_ensemble_jobs,
-    report=curve_ensemble_report,
-    description="Start / end / curve-ensemble table, metrics along t, and the landscape in the curve's plane.",
-    module_file=__file__,
-))
+CURVE_ENSEMBLE = declare("curve-ensemble", __file__, config=CurveEnsembleConfig, sizes=SIZES, jobs=curve_ensemble_jobs,
+                         report=curve_ensemble_report, datasets=("mnist1d", "digits", "mnist", "cifar10"),
+                         claim_ids=("ensemble-lower-ce", "ensemble-higher-acc-auroc", "ensemble-higher-ece"))

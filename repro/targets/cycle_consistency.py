@@ -13,7 +13,7 @@ aligned to model 0 and averaged).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -26,8 +26,8 @@ from reference.params import combine, stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, fmt_pm, mean_std, seaborn
-from ..runner.declare import register
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner.declare import declare
 
 METHODS = ("pairwise", "mergemany", "universe")
 
@@ -41,8 +41,7 @@ class CycleConfig:
     grid: int = 17
     max_triples: int = 10
     max_pairs: int = 10
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
 
 
 SIZES = {
@@ -205,27 +204,6 @@ def _figure(rows: list[dict]):
     return fig
 
 
-CYCLE = register(Target(
-    name="cycle-consistency",
-    paper="Git Re-Basin (Ainsworth et al. 2023) MergeMany; permutation synchronisation (Pachauri et al. 2013)",
-    arxiv="2209.04836",
-    config=CycleConfig,
-    sizes=SIZES,
-    datasets=("digits", "mnist1d", "mnist", "cifar10"),
-    claims=(
-        Claim("pairwise-not-transitive",
-              "pairwise weight matching leaves P_ik ≠ P_ij ∘ P_jk for some units at every n",
-              "pairwise alignment to θ₁ is not transitive (permuted-simplex note, Property 2)"),
-        Claim("universe-consistent",
-              "universe (sync) and MergeMany maps have non-transitivity 0 and cycle barrier 0",
-              "P_ij = U_i⁻¹ U_j composes exactly by construction"),
-        Claim("joint-merge-better",
-              "with the largest n, MergeMany's merged model is more accurate than the model-0-aligned (pairwise) merge",
-              "MergeMany aligns every model to the others jointly (Alg. 3)"),
-    ),
-    jobs=jobs,
-    report=report,
-    description="Pairwise vs MergeMany vs universe alignment of n independently trained MLPs: non-transitivity, "
-                "cycle and pair barriers, merged accuracy.",
-    module_file=__file__,
-))
+CYCLE = declare("cycle-consistency", __file__, config=CycleConfig, sizes=SIZES, jobs=jobs, report=report,
+                datasets=("digits", "mnist1d", "mnist", "cifar10"),
+                claim_ids=("pairwise-not-transitive", "universe-consistent", "joint-merge-better"))

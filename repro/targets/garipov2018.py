@@ -22,7 +22,7 @@ The ``paper`` size runs the authors' CIFAR-10 models as the zoo has them: VGG-16
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from reference.barrier import PathEval
 from reference.curves import Bezier, Curve, evaluate_curve, train_curve
@@ -32,8 +32,9 @@ from reference.neb import NEBConfig, evaluate_neb, neb
 from reference.params import stack
 from reference.train import TrainConfig
 
-from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, fmt_pm, mean_std, seaborn
-from ..runner.declare import register
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, mean_std, seaborn
+from ..runner.declare import declare
+from .reporting import summary_rows
 
 PATHS = ("line", "polychain", "bezier", "neb")
 
@@ -61,11 +62,9 @@ class CurvesConfig:
     pairs: int = 3
     grid: int = 21
     points_per_step: int = 4
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
     # the curve gets the endpoints' training budget (Garipov et al. train curves as long as the models)
-    curve_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    curve_train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
     # ½ curve_l2 ‖φ(t)‖² added to the curve's loss at every sampled t (the authors' curve regulariser)
     curve_l2: float = 0.0
     # FGE gets the budget of one more training run (train.epochs), in cycles of fge_cycle_epochs
@@ -75,9 +74,9 @@ class CurvesConfig:
     # AutoNEB (Draxler et al. 2018): 3 pivots, then up to 2 inserted per cycle (3, 5, 7, 9 interior
     # pivots); 4 cycles × 10 epochs × 32 steps × 6 pivots on average = 7680 pivot gradients, the
     # curves' 60 epochs × 32 steps × 4 points per step
-    neb: NEBConfig = field(default_factory=lambda: NEBConfig(
+    neb: NEBConfig = NEBConfig(
         init_pivots=3, cycles=4, insert_per_cycle=2, max_pivots=15, insert_threshold=0.1, sub_points=9,
-        train=TrainConfig(epochs=10, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")))
+        train=TrainConfig(epochs=10, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
     neb_grid_sub: int = 2
     # models named resnet*: their own recipe (None: the settings above, as for every other model)
     resnet: Recipe | None = None
@@ -173,8 +172,9 @@ def _path_record(pe: PathEval) -> dict:
 
 
 @dataclass(frozen=True)
-class CurvesArgs:
-    """One pair (θ_a, θ_b) of one model: the line, the two trained curves and the AutoNEB chain."""
+class PairArgs:
+    """One pair (θ_a, θ_b) of model ``mname`` and the view its inputs take: what every job of this target reads
+    first (its own arguments follow these fields)."""
 
     mname: str
     model: dict
@@ -182,6 +182,12 @@ class CurvesArgs:
     b: Endpoint
     data: DataRef
     view: tuple[int, ...] | None
+
+
+@dataclass(frozen=True)
+class CurvesArgs(PairArgs):
+    """One pair: the line, the two trained curves and the AutoNEB chain."""
+
     grid: int
     points_per_step: int
     curve_train: TrainConfig
@@ -222,19 +228,13 @@ def curves_job(args: CurvesArgs, ctx: JobContext) -> dict:
 
 
 @dataclass(frozen=True)
-class FGEArgs:
+class FGEArgs(PairArgs):
     """FGE from θ_a vs the independent ensemble {θ_a, θ_b} of one model, at equal budget: 2 training runs each.
 
     FGE spends the second run's epochs (``train.epochs``) on ``n_cycles`` cycles of ``cycle_epochs`` epochs
     with SGD and the cyclic rate α(i) between ``lr``; BatchNorm statistics are recomputed for every member
     on the training inputs."""
 
-    mname: str
-    model: dict
-    a: Endpoint
-    b: Endpoint
-    data: DataRef
-    view: tuple[int, ...] | None
     cycle_epochs: int
     n_cycles: int
     lr: tuple[float, float]
@@ -337,14 +337,9 @@ def curves_report(cfg: CurvesConfig, res_all: Results) -> Report:
             })
 
     rep.table("paths_per_pair", rows, title="Every pair and path (BN recomputed at each t)")
-    summary = []
-    for mname in cfg.models:
-        for path in PATHS:
-            sel = [r for r in rows if r["model"] == mname and r["path"] == path]
-            summary.append({"model": mname, "path": path, "pairs": len(sel),
-                            **{c: fmt_pm([r[c] for r in sel]) for c in
-                               ("max_train_loss", "max_test_error", "endpoint_train_loss", "endpoint_test_error",
-                                "train_loss_max_chord", "free_points", "budget_point_grads")}})
+    summary = summary_rows(rows, {"model": cfg.models, "path": PATHS},
+                           ("max_train_loss", "max_test_error", "endpoint_train_loss", "endpoint_test_error",
+                            "train_loss_max_chord", "free_points", "budget_point_grads"))
     rep.table("paths", summary,
               title=f"Max train loss and max test error along each path (mean ± std over pairs), "
                     f"{cfg.dataset}; curves on a grid of {cfg.grid} t, NEB at every pivot and "
@@ -400,34 +395,7 @@ def curves_report(cfg: CurvesConfig, res_all: Results) -> Report:
     return rep
 
 
-CURVES = register(Target(
-    name="garipov2018-curves",
-    paper="Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs (Garipov et al., NeurIPS 2018)",
-    arxiv="1802.10026",
-    config=CurvesConfig,
-    sizes=SIZES,
-    datasets=("mnist1d", "digits", "mnist", "cifar10"),
-    claims=(
-        Claim("line-high-barrier",
-              "along the straight line the max test error exceeds the endpoints' mean test error by more than "
-              "20 points",
-              "CIFAR/VGG: test error on the line rises to ~90% at the midpoint (Fig. 2)"),
-        Claim("curves-near-constant",
-              "the train loss barrier (max_chord) along trained polychain and Bézier curves is below 10% of the "
-              "line's",
-              "train loss and test error nearly constant along the curves (Fig. 2, Table 1)"),
-        Claim("neb-essentially-no-barrier",
-              "the train loss barrier (max_chord) along the AutoNEB chain is below 10% of the line's, at the "
-              "curves' training budget",
-              "Draxler et al. 2018: AutoNEB paths between minima have essentially no loss barrier (CIFAR "
-              "ResNets/DenseNets, Fig. 4, Table 1)"),
-        Claim("fge-matches-ensemble",
-              "FGE test accuracy is within 0.5 points of (or above) an independently trained ensemble of equal "
-              "budget",
-              "FGE outperforms snapshot ensembles and matches independent ensembles at equal budget (Table 2)"),
-    ),
-    jobs=curves_jobs,
-    report=curves_report,
-    description="Line vs polychain vs Bézier vs AutoNEB between independently trained models; FGE vs ensembles.",
-    module_file=__file__,
-))
+CURVES = declare("garipov2018-curves", __file__, config=CurvesConfig, sizes=SIZES, jobs=curves_jobs,
+                 report=curves_report, datasets=("mnist1d", "digits", "mnist", "cifar10"),
+                 claim_ids=("line-high-barrier", "curves-near-constant", "neb-essentially-no-barrier",
+                            "fge-matches-ensemble"))

@@ -42,8 +42,8 @@ from reference.simplex import sample_dirichlet
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, fmt_pm, mean_std, seaborn
-from ..runner.declare import register
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner.declare import declare
 from ..runner.util import config_hash, jsonable
 
 # (label, align_simplex method, init for "interior")
@@ -592,42 +592,7 @@ def _ternary_figure(tern: dict):
     return fig
 
 
-TARGET = register(Target(
-    name="permuted-simplex",
-    paper="Extensive Linear Connectivity and Application in Model Ensemble (project research note, sources/000)",
-    arxiv="",
-    config=PermutedSimplexConfig,
-    sizes=SIZES,
-    datasets=("digits", "mnist1d", "mnist", "cifar10"),
-    claims=(
-        Claim("property-2",
-              "with star alignment the far edge P₂(θ₂)–P₃(θ₃) has a higher barrier than the edges θ₁–Pᵢ(θᵢ) "
-              "(mean over triples)",
-              "research note, Property 2: pairwise alignment guarantees nothing between P₂(θ₂) and P₃(θ₃)"),
-        Claim("joint-beats-star",
-              "at every n ≥ 3 on the main cell (main_width, main_wd) the better joint alignment (MergeMany or "
-              "universe) has a lower simplex barrier than the star",
-              "research note §1.3 (pairwise alignment is not transitive); Ainsworth et al. 2023 MergeMany"),
-        Claim("interior-improves",
-              "interior optimisation (from universe) lowers the simplex barrier of universe alignment at every "
-              "n ≥ 3 in every cell",
-              "the issue's hypothesis: optimising the expected interior loss finds better permutations than "
-              "alignment by weights"),
-        Claim("barrier-grows-with-n",
-              "for the best aligners the simplex barrier at the largest n exceeds that of the edge (n = 2) in "
-              "every cell",
-              "research note §1.3: like Benton et al.'s simplexes, the number of vertices n 'may not be large'"),
-        Claim("glue-exact",
-              "gluing identifies exactly the vertices that are the same model up to permutation, and identified "
-              "vertices compute the same function",
-              "research note §1.3, Figure 2: simplexes glued through equivalence classes θ̄"),
-        Claim("complex-ensemble",
-              "a permuted-complex ensemble is better than a single model in test NLL and within 5% of the deep "
-              "ensemble of the same stored models",
-              "research note title: 'application in model ensemble' (no numbers given)"),
-    ),
-    jobs=jobs,
-    report=report,
-    description="Simplex barrier vs n per alignment method; ternary heatmaps; Property 2; ensembles.",
-    module_file=__file__,
-))
+TARGET = declare("permuted-simplex", __file__, config=PermutedSimplexConfig, sizes=SIZES, jobs=jobs, report=report,
+                 datasets=("digits", "mnist1d", "mnist", "cifar10"),
+                 claim_ids=("property-2", "joint-beats-star", "interior-improves", "barrier-grows-with-n", "glue-exact",
+                            "complex-ensemble"))

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import fcntl
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -65,9 +65,9 @@ from reference.models import build_model, init_params
 from reference.params import unstack
 from reference.train import TrainConfig
 
-from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, seaborn
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, seaborn
 from ..runner.context import code_version
-from ..runner.declare import register
+from ..runner.declare import declare
 from ..runner.util import config_hash, jsonable
 
 DIRECTIONS = ("straight", "detour", "tangent", "tangent_fd", "random")
@@ -99,10 +99,8 @@ class RashomonConfig:
     jacobian_examples: int | None = None  # test inputs of the input–output Jacobian (None: all)
     curve_l2: float = 0.0  # the authors' curve regulariser ½·l2·E_t‖φ(t)‖² (train_curve l2_on="curve")
     curve_points_per_step: int = 4  # t values drawn per curve-training step
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=150, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
-    curve_train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        epochs=150, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+    train: TrainConfig = TrainConfig(epochs=150, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    curve_train: TrainConfig = TrainConfig(epochs=150, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
 
 
 SIZES = {
@@ -576,34 +574,7 @@ def _figures(res: list[dict], spec_rows: list[dict], hv_rows: list[dict], cfg: R
     yield "density", fig
 
 
-TARGET = register(Target(
-    name="rashomon-hessian",
-    paper="The Rashomon manifold and its Hessian along a Bézier curve (SERI MATS 2022 sprint write-up)",
-    arxiv="1802.10026",
-    config=RashomonConfig,
-    sizes=SIZES,
-    datasets=("digits", "mnist1d", "mnist", "cifar10"),
-    claims=(
-        Claim("grad-near-zero", "max_t ‖∇L(φ(t))‖ ≤ 5% of ‖∇L‖ at a random initialisation",
-              "‖∇_θ L‖ along the curve 'as expected was close to 0 norm'"),
-        Claim("tangent-hvp-smaller", "‖H·tangent‖ ≤ ‖H·straight‖ and < ‖H·detour‖ at every interior t "
-                                     "(at t = ½ the Bézier tangent is θ₂ − θ₁ itself)",
-              "'The Hessian vector product on the tangent direction to the constant loss curve was smaller'"),
-        Claim("tangent-hvp-nonzero", "‖H·tangent‖ / λ_max > 1e-3 at every t (exact tangent, float64: not noise)",
-              "'smaller, but not zero like we expected and this may be due to noise'"),
-        Claim("psd", "λ_min ≥ −1e-3·λ_max at every t (no significantly negative eigenvalue)",
-              "'the Hessian matrix is positive-semidefinite at every local minimizer' (theory section)"),
-        Claim("dimension-high-below-d",
-              "d/10 ≤ #|λ| ≤ τ·λ_max < d at every t (τ = 1e-3 on the exact spectrum; 1e-2, SLQ's resolution, "
-              "where the spectrum is estimated)",
-              "the ridge's dimension is 'smaller than the dimension d of the whole weight space, but still quite "
-              "high-dimensional'"),
-        Claim("dimension-constant",
-              "(max − min)/median of #|λ| ≤ τ·λ_max along t < 10% (τ as in dimension-high-below-d)",
-              "open question: 'determine if the number of dimensions on the ridge remains constant'"),
-    ),
-    jobs=jobs,
-    report=report,
-    description="Exact and stochastic Hessian spectra, directional HVPs and Jacobians along a trained Bézier curve.",
-    module_file=__file__,
-))
+TARGET = declare("rashomon-hessian", __file__, config=RashomonConfig, sizes=SIZES, jobs=jobs, report=report,
+                 datasets=("digits", "mnist1d", "mnist", "cifar10"),
+                 claim_ids=("grad-near-zero", "tangent-hvp-smaller", "tangent-hvp-nonzero", "psd",
+                            "dimension-high-below-d", "dimension-constant"))

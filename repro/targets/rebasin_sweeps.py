@@ -30,8 +30,8 @@ from reference.params import stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from ..runner import Claim, DataRef, Endpoint, Job, JobContext, Report, Results, Target, mean_std, seaborn
-from ..runner.declare import register
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, mean_std, seaborn
+from ..runner.declare import declare
 
 
 @dataclass(frozen=True)
@@ -278,33 +278,7 @@ def sweep_report(cfg: SweepConfig, results: Results) -> Report:
     return rep
 
 
-NAME = register(Target(
-    name="rebasin-mlp-sweeps",
-    paper="Git Re-Basin MLP study: PermutationCoordinateDescent and MergeMany sweeps (rebasin MLP results)",
-    arxiv="2209.04836",
-    config=SweepConfig,
-    sizes=SIZES,
-    datasets=("digits", "mnist1d", "mnist", "cifar10"),
-    claims=(
-        Claim("pcd-better-with-wd",
-              "the test loss barrier after weight matching (mean over feature sizes) is lower at the weight decay "
-              "nearest 0.1 than at the smallest weight decay",
-              "at weight decay 0.1 there is no longer a loss barrier; too high a weight decay brings one back"),
-        Claim("mergemany-better-with-wd",
-              "merged/control loss ratio (mean over feature sizes and model counts) is lower at the largest weight "
-              "decay than at the smallest",
-              "with high weight decay the merged loss is similar to the control model's, accuracy even higher"),
-        Claim("merged-above-members-loss", "in every cell the merged loss is above the members' mean loss",
-              "the merged model never reaches a loss as low as the average of the models that make it up"),
-        Claim("merged-outputs-flatter", "mean ratios merged/members of max output and of output std are both < 1",
-              "max output and std of outputs are lower in the merged model than in its members"),
-        Claim("permutations-rise-then-level",
-              "the fraction of permuted units rises from the lowest to the second weight decay more than over all "
-              "the higher ones together",
-              "the number of permutations rises quickly at low weight decay, then almost levels off"),
-    ),
-    jobs=sweep_jobs,
-    report=sweep_report,
-    description="Weight decay × feature size × number of models sweep of weight matching and MergeMany.",
-    module_file=__file__,
-))
+NAME = declare("rebasin-mlp-sweeps", __file__, config=SweepConfig, sizes=SIZES, jobs=sweep_jobs, report=sweep_report,
+               datasets=("digits", "mnist1d", "mnist", "cifar10"),
+               claim_ids=("pcd-better-with-wd", "mergemany-better-with-wd", "merged-above-members-loss",
+                          "merged-outputs-flatter", "permutations-rise-then-level"))

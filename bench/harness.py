@@ -1,0 +1,77 @@
+"""What the benchmark scripts share: the devices to run on, timing, random data, labels.
+
+The scripts import it as a sibling module (``python bench/<script>.py`` puts ``bench/`` on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def devices(choice: str) -> list[torch.device]:
+    """``"cpu"``: the CPU; ``"cuda"``: the GPU (an error without one); ``"auto"``: the CPU, and the GPU too
+    when there is one."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA requested but not available")
+    if choice == "cpu" or not torch.cuda.is_available():
+        return [torch.device("cpu")]
+    return [torch.device("cuda")] if choice == "cuda" else [torch.device("cpu"), torch.device("cuda")]
+
+
+def sync(dev: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so that a clock read after it is fair."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_calls(fns: Sequence[Callable[[], object]], dev: torch.device, repeats: int,
+               stat: Callable[[list[float]], float] = statistics.median) -> list[float]:
+    """Seconds per call of each function: one untimed warm-up call of each (allocator, kernels, lazy init),
+    then ``repeats`` timed calls of each, interleaved round-robin (a load change on a shared machine hits
+    every function alike), reduced by ``stat`` (the median, or ``min`` for the best run)."""
+    for fn in fns:
+        fn()
+    sync(dev)
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, acc in zip(fns, times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            sync(dev)
+            acc.append(time.perf_counter() - t0)
+    return [stat(acc) for acc in times]
+
+
+def random_task(n: int, shape: Sequence[int], n_cls: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` standard-normal inputs of ``shape`` and uniformly random labels in ``[0, n_cls)``, drawn from ``g``
+    (on the CPU, float32)."""
+    return torch.randn(n, *shape, generator=g), torch.randint(0, n_cls, (n,), generator=g)
+
+
+def device_label(dev: torch.device) -> str:
+    return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def versions() -> str:
+    """The line every benchmark prints first: torch's version, the CPU threads, the GPU if any."""
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+
+
+def training_parser(doc: str, *, n: int, width: int, repeats: int, epochs: int = 3,
+                    batch_size: int = 128) -> argparse.ArgumentParser:
+    """The command line of a training benchmark (described by the first line of ``doc``) with its workload's
+    options and their defaults: ``--epochs``, ``--n`` (random training examples), ``--width`` (hidden units),
+    ``--batch-size``, ``--repeats`` (timed runs; the best is reported). The script adds its own options."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--n", type=int, default=n, help=f"training examples (default: {n})")
+    ap.add_argument("--width", type=int, default=width)
+    ap.add_argument("--batch-size", type=int, default=batch_size)
+    ap.add_argument("--repeats", type=int, default=repeats, help="timed repetitions; the best is reported")
+    return ap
