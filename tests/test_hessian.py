@@ -9,23 +9,8 @@ import pytest
 import torch
 from torch.func import functional_call
 
+import reference.hessian as hs
 from reference.curves import Bezier, Curve
-from reference.hessian import (
-    SpectralDensity,
-    count_near_zero,
-    curve_directions,
-    directional_curvature,
-    exact_spectrum,
-    hutchinson_trace,
-    hvp,
-    hvp_double_backward,
-    hvp_reverse_over_reverse,
-    input_jacobian,
-    lanczos,
-    loss_hessian,
-    slq,
-    top_eigenvalues,
-)
 from reference.models import CNN1D, MLP, init_params
 from reference.params import flatten
 
@@ -42,7 +27,7 @@ def _mlp_case(seed: int = 0, n: int = 40, widths=(6, 5)):
 @pytest.fixture(scope="module")
 def case():
     model, params, x, y = _mlp_case()
-    return model, params, x, y, loss_hessian(model, params, x, y)
+    return model, params, x, y, hs.loss_hessian(model, params, x, y)
 
 
 def _reference_hessian(model, params, x, y, keys) -> torch.Tensor:
@@ -74,16 +59,16 @@ def test_three_hvps_agree_and_hvp_many_is_rowwise(case):
     f = H.loss_fn()
     many = H.hvp_many(V, chunk=3)
     for i in range(4):
-        a = hvp(f, H.theta, V[i])
+        a = hs.hvp(f, H.theta, V[i])
         torch.testing.assert_close(H.hvp(V[i]), a, rtol=1e-12, atol=1e-14)
-        torch.testing.assert_close(hvp_double_backward(f, H.theta, V[i]), a, rtol=1e-10, atol=1e-13)
-        torch.testing.assert_close(hvp_reverse_over_reverse(f, H.theta, V[i]), a, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(hs.hvp_double_backward(f, H.theta, V[i]), a, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(hs.hvp_reverse_over_reverse(f, H.theta, V[i]), a, rtol=1e-10, atol=1e-13)
         torch.testing.assert_close(many[i], a, rtol=1e-10, atol=1e-13)
 
 
 def test_data_chunks_sum_to_the_full_batch(case):
     model, params, x, y, H = case
-    Hc = loss_hessian(model, params, x, y, batch_size=7)  # 40 = 5·7 + 5: an uneven last chunk
+    Hc = hs.loss_hessian(model, params, x, y, batch_size=7)  # 40 = 5·7 + 5: an uneven last chunk
     v = torch.linspace(-1, 1, H.dim, dtype=torch.float64)
     torch.testing.assert_close(Hc.hvp(v), H.hvp(v), rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(Hc.grad(), H.grad(), rtol=1e-10, atol=1e-13)
@@ -98,7 +83,7 @@ def test_batchnorm_buffers_are_constants_and_mode_is_restored():
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     model.train()
     before = {k: v.clone() for k, v in params.items()}
-    H = loss_hessian(model, params, x, y)
+    H = hs.loss_hessian(model, params, x, y)
     assert not any("running" in k or "num_batches" in k for k in H.keys)
     assert H.dim == sum(p.numel() for p in model.parameters())
     ref = _reference_hessian(model.eval(), params, x, y, H.keys)  # eval mode: running statistics
@@ -111,24 +96,24 @@ def test_batchnorm_buffers_are_constants_and_mode_is_restored():
 
 def test_top_eigenvalues_and_exact_spectrum(case):
     *_, H = case
-    exact = exact_spectrum(H)
+    exact = hs.exact_spectrum(H)
     assert bool((exact[1:] >= exact[:-1]).all())
-    vals, vecs = top_eigenvalues(H, 4, tol=1e-12)
+    vals, vecs = hs.top_eigenvalues(H, 4, tol=1e-12)
     torch.testing.assert_close(vals, exact.flip(0)[:4], rtol=1e-8, atol=1e-10)
     assert vecs.shape == (H.dim, 4)
-    low, _ = top_eigenvalues(H, 2, which="SA", tol=1e-12)
+    low, _ = hs.top_eigenvalues(H, 2, which="SA", tol=1e-12)
     torch.testing.assert_close(low.flip(0), exact[:2], rtol=1e-8, atol=1e-10)
 
 
 def test_hutchinson_is_exact_on_the_diagonal_and_unbiased(case):
     *_, H = case
-    exact = float(exact_spectrum(H).sum())
-    est = hutchinson_trace(H, 400, seed=1)
+    exact = float(hs.exact_spectrum(H).sum())
+    est = hs.hutchinson_trace(H, 400, seed=1)
     assert est.samples.shape == (400,)
     assert abs(est.estimate - exact) <= 4 * est.stderr
     # zᵀHz = tr H + Σ_{i≠j} zᵢzⱼHᵢⱼ: the sample mean over many draws pins the trace; and it is the
     # same estimate as SLQ's (d · vᵀHv with v = z/‖z‖, ‖z‖² = d for Rademacher z)
-    sd = slq(H, probes=5, steps=3, seed=2)
+    sd = hs.slq(H, probes=5, steps=3, seed=2)
     z = (torch.randint(0, 2, (5, H.dim), generator=torch.Generator().manual_seed(2)).double() * 2 - 1)
     q = (z * H.hvp_many(z)).sum(1).mean()
     assert sd.trace() == pytest.approx(float(q), rel=1e-10)
@@ -143,7 +128,7 @@ def test_lanczos_gauss_quadrature_matches_moments():
     A = Q @ torch.diag(lam) @ Q.T
     v0 = torch.randn(2, 30, generator=g, dtype=torch.float64)
     m = 6
-    alpha, beta = lanczos(lambda V: V @ A, v0, m)
+    alpha, beta = hs.lanczos(lambda V: V @ A, v0, m)
     T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)
     nodes, U = torch.linalg.eigh(T)
     w = U[:, 0, :] ** 2
@@ -151,7 +136,7 @@ def test_lanczos_gauss_quadrature_matches_moments():
     for k in range(2 * m):
         mom = ((v @ torch.linalg.matrix_power(A, k)) * v).sum(1)
         torch.testing.assert_close((w * nodes**k).sum(1), mom, rtol=1e-9, atol=1e-9)
-    a_full, b_full = lanczos(lambda V: V @ A, v0[:1], 30)
+    a_full, b_full = hs.lanczos(lambda V: V @ A, v0[:1], 30)
     T = torch.diag(a_full[0]) + torch.diag(b_full[0], 1) + torch.diag(b_full[0], -1)
     torch.testing.assert_close(torch.linalg.eigvalsh(T), lam, rtol=1e-8, atol=1e-8)
 
@@ -159,11 +144,11 @@ def test_lanczos_gauss_quadrature_matches_moments():
 def test_lanczos_survives_an_exhausted_krylov_space():
     A = torch.diag(torch.tensor([1.0, 1.0, 2.0, 2.0, 5.0], dtype=torch.float64))  # 3 distinct eigenvalues
     v0 = torch.ones(1, 5, dtype=torch.float64)
-    alpha, beta = lanczos(lambda V: V @ A, v0, 5)
+    alpha, beta = hs.lanczos(lambda V: V @ A, v0, 5)
     assert float(beta[0, 2]) == 0.0 and float(beta[0, 3]) == 0.0
     T = torch.diag(alpha[0]) + torch.diag(beta[0], 1) + torch.diag(beta[0], -1)
     nodes, U = torch.linalg.eigh(T)
-    sd = SpectralDensity(nodes.unsqueeze(0), (U[0, :] ** 2).unsqueeze(0), 5)
+    sd = hs.SpectralDensity(nodes.unsqueeze(0), (U[0, :] ** 2).unsqueeze(0), 5)
     assert sd.count_in(0.5, 1.5) == pytest.approx(2.0)
     assert sd.count_in(1.5, 2.5) == pytest.approx(2.0)
     assert sd.count_in(4.5, 5.5) == pytest.approx(1.0)
@@ -172,9 +157,9 @@ def test_lanczos_survives_an_exhausted_krylov_space():
 
 def test_slq_density_and_counts(case):
     *_, H = case
-    sd = slq(H, probes=6, steps=min(40, H.dim), seed=0)
+    sd = hs.slq(H, probes=6, steps=min(40, H.dim), seed=0)
     torch.testing.assert_close(sd.weights.sum(1), torch.ones(6, dtype=torch.float64))
-    exact = exact_spectrum(H)
+    exact = hs.exact_spectrum(H)
     assert float(sd.nodes.min()) >= float(exact[0]) - 1e-9 and float(sd.nodes.max()) <= float(exact[-1]) + 1e-9
     assert sd.count_in(-1e9, 1e9) == pytest.approx(H.dim)
     lo, hi = float(exact[0]) - 1, float(exact[-1]) + 1
@@ -187,10 +172,10 @@ def test_slq_density_and_counts(case):
 
 def test_count_near_zero():
     e = torch.tensor([-1e-5, 0.0, 2e-4, 0.5, 1.0])
-    assert count_near_zero(e, 1e-4) == 2
-    assert count_near_zero(e, 1e-3) == 3
+    assert hs.count_near_zero(e, 1e-4) == 2
+    assert hs.count_near_zero(e, 1e-3) == 3
     with pytest.raises(ValueError, match="rel_tol"):
-        count_near_zero(e, 0.0)
+        hs.count_near_zero(e, 0.0)
 
 
 def test_curve_directions_of_a_quadratic_bezier():
@@ -198,7 +183,7 @@ def test_curve_directions_of_a_quadratic_bezier():
     a, b, c = ({"w": torch.randn(3, 2, generator=g, dtype=torch.float64), "n": torch.tensor(3)} for _ in range(3))
     curve = Curve(Bezier(2), a, b, (c,))
     t = torch.tensor([0.0, 0.2, 0.5, 0.9, 1.0], dtype=torch.float64)
-    d = curve_directions(curve, t, h=1e-3)
+    d = hs.curve_directions(curve, t, h=1e-3)
     assert set(d) == {"straight", "detour", "tangent", "tangent_fd"}
     ab = (b["w"] - a["w"]).reshape(-1)
     for row in d["straight"]:
@@ -219,7 +204,7 @@ def test_curve_directions_of_a_quadratic_bezier():
     torch.testing.assert_close(d["tangent"][2], d["straight"][2])
     # the straight line has no detour
     line = Curve.init_linear(a, b, "bezier", 2)
-    assert bool(curve_directions(line, [0.3])["detour"].isnan().all())
+    assert bool(hs.curve_directions(line, [0.3])["detour"].isnan().all())
 
 
 def test_directional_curvature(case):
@@ -228,7 +213,7 @@ def test_directional_curvature(case):
     u = torch.randn(3, H.dim, generator=g, dtype=torch.float64)
     u = u / u.norm(dim=1, keepdim=True)
     u[1] = float("nan")
-    norm, rq = directional_curvature(H, u)
+    norm, rq = hs.directional_curvature(H, u)
     D = H.dense()
     for i in (0, 2):
         assert float(norm[i]) == pytest.approx(float((D @ u[i]).norm()), rel=1e-10)
@@ -238,7 +223,7 @@ def test_directional_curvature(case):
 
 def test_input_jacobian_matches_autograd(case):
     model, params, x, *_ = case
-    J = input_jacobian(model, params, x[:5])
+    J = hs.input_jacobian(model, params, x[:5])
     assert J.shape == (5, 3, 4)
     for i in range(5):
         ref = torch.autograd.functional.jacobian(lambda xi: functional_call(model, params, (xi.unsqueeze(0),))[0],
@@ -255,31 +240,31 @@ def test_errors(case):
     with pytest.raises(ValueError, match=r"vs must be"):
         H.hvp_many(torch.zeros(H.dim, dtype=torch.float64))
     with pytest.raises(ValueError, match="missing"):
-        loss_hessian(model, {k: v for k, v in params.items() if k != "head.bias"}, x, y)
+        hs.loss_hessian(model, {k: v for k, v in params.items() if k != "head.bias"}, x, y)
     with pytest.raises(ValueError, match="'nope' is not in params"):
-        loss_hessian(model, params, x, y, keys=["nope"])
+        hs.loss_hessian(model, params, x, y, keys=["nope"])
     with pytest.raises(ValueError, match="same number"):
-        loss_hessian(model, params, x, y[:-1])
+        hs.loss_hessian(model, params, x, y[:-1])
     with pytest.raises(ValueError, match="batch_size"):
-        loss_hessian(model, params, x, y, batch_size=0)
+        hs.loss_hessian(model, params, x, y, batch_size=0)
     with pytest.raises(ValueError, match="one dtype"):
-        loss_hessian(model, {**params, "head.bias": params["head.bias"].float()}, x, y)
+        hs.loss_hessian(model, {**params, "head.bias": params["head.bias"].float()}, x, y)
     with pytest.raises(ValueError, match="k must be"):
-        top_eigenvalues(H, H.dim)
+        hs.top_eigenvalues(H, H.dim)
     with pytest.raises(ValueError, match="which"):
-        top_eigenvalues(H, 2, which="BE")
+        hs.top_eigenvalues(H, 2, which="BE")
     with pytest.raises(ValueError, match="samples"):
-        hutchinson_trace(H, 1)
+        hs.hutchinson_trace(H, 1)
     with pytest.raises(ValueError, match="steps"):
-        lanczos(H.hvp_many, torch.ones(1, H.dim, dtype=torch.float64), H.dim + 1)
+        hs.lanczos(H.hvp_many, torch.ones(1, H.dim, dtype=torch.float64), H.dim + 1)
     with pytest.raises(ValueError, match="zero"):
-        lanczos(H.hvp_many, torch.zeros(1, H.dim, dtype=torch.float64), 3)
+        hs.lanczos(H.hvp_many, torch.zeros(1, H.dim, dtype=torch.float64), 3)
     with pytest.raises(ValueError, match="theta must be a flat vector"):
-        hvp(H.loss_fn(), H.theta.view(1, -1), H.theta.view(1, -1))
+        hs.hvp(H.loss_fn(), H.theta.view(1, -1), H.theta.view(1, -1))
     with pytest.raises(TypeError, match="curve must be a Curve"):
-        curve_directions({"w": torch.zeros(2)}, [0.5])
+        hs.curve_directions({"w": torch.zeros(2)}, [0.5])
     with pytest.raises(ValueError, match="x must be a batch"):
-        input_jacobian(model, params, x[0])
+        hs.input_jacobian(model, params, x[0])
 
 
 def test_argument_types_and_ranges(case):
@@ -289,7 +274,7 @@ def test_argument_types_and_ranges(case):
     model, params, x, y, H = case
     one = torch.ones(1, H.dim, dtype=torch.float64)
     with pytest.raises(ArgumentTypeError, match="batch_size must be an integer, got 2.5"):
-        loss_hessian(model, params, x, y, batch_size=2.5)
+        hs.loss_hessian(model, params, x, y, batch_size=2.5)
     with pytest.raises(ArgumentTypeError, match="chunk must be an integer, got True"):
         H.hvp_many(one, chunk=True)
     with pytest.raises(ValueError, match="chunk must be an integer >= 1, got 0"):
@@ -297,27 +282,27 @@ def test_argument_types_and_ranges(case):
     with pytest.raises(ValueError, match="at least one row"):
         H.hvp_many(torch.zeros(0, H.dim, dtype=torch.float64))
     with pytest.raises(ValueError, match=f"k must be an integer <= {H.dim - 1}"):
-        top_eigenvalues(H, H.dim)
+        hs.top_eigenvalues(H, H.dim)
     with pytest.raises(ArgumentTypeError, match="k must be an integer"):
-        top_eigenvalues(H, 2.0)
+        hs.top_eigenvalues(H, 2.0)
     with pytest.raises(ValueError, match="unknown which 'BE'"):
-        top_eigenvalues(H, 2, which="BE")
+        hs.top_eigenvalues(H, 2, which="BE")
     with pytest.raises(ValueError, match="tol must be >= 0"):
-        top_eigenvalues(H, 2, tol=-1.0)
+        hs.top_eigenvalues(H, 2, tol=-1.0)
     with pytest.raises(ArgumentTypeError, match="samples must be an integer"):
-        hutchinson_trace(H, 10.0)
+        hs.hutchinson_trace(H, 10.0)
     with pytest.raises(ArgumentTypeError, match="seed must be an integer"):
-        hutchinson_trace(H, 4, seed=0.5)
+        hs.hutchinson_trace(H, 4, seed=0.5)
     with pytest.raises(ValueError, match=f"steps must be an integer <= {H.dim}"):
-        lanczos(H.hvp_many, one, H.dim + 1)
+        hs.lanczos(H.hvp_many, one, H.dim + 1)
     with pytest.raises(ArgumentTypeError, match="probes must be an integer"):
-        slq(H, probes=True)
+        hs.slq(H, probes=True)
     with pytest.raises(ValueError, match="rel_tol must be a finite number"):
-        count_near_zero(torch.ones(3), float("nan"))
+        hs.count_near_zero(torch.ones(3), float("nan"))
     with pytest.raises(ValueError, match="h must be < 0.5"):
-        curve_directions(Curve(Bezier(2), *_three_points()[:2], (_three_points()[2],)), [0.5], h=0.5)
+        hs.curve_directions(Curve(Bezier(2), *_three_points()[:2], (_three_points()[2],)), [0.5], h=0.5)
     with pytest.raises(ValueError, match="h must be > 0"):
-        curve_directions(Curve(Bezier(2), *_three_points()[:2], (_three_points()[2],)), [0.5], h=0.0)
+        hs.curve_directions(Curve(Bezier(2), *_three_points()[:2], (_three_points()[2],)), [0.5], h=0.0)
 
 
 def _three_points():
@@ -331,10 +316,10 @@ def test_zero_hessian_is_a_clear_error():
             for k, v in params.items()}
     dead["layers.0.weight"] = torch.zeros_like(params["layers.0.weight"])
     dead["head.weight"] = torch.zeros_like(params["head.weight"])  # all ReLUs dead: L depends on head.bias only
-    H = loss_hessian(model, dead, x, y, keys=["layers.0.weight"])
+    H = hs.loss_hessian(model, dead, x, y, keys=["layers.0.weight"])
     assert float(H.dense().abs().max()) == 0.0
     with pytest.raises(ValueError, match="identically zero"):
-        top_eigenvalues(H, 2)
+        hs.top_eigenvalues(H, 2)
 
 
 @pytest.mark.gpu
@@ -342,7 +327,7 @@ def test_hvp_on_cuda_matches_cpu(case):
     if not torch.cuda.is_available():
         pytest.skip("CUDA is not available")
     model, params, x, y, H = case
-    Hg = loss_hessian(model.to("cuda"), {k: v.cuda() for k, v in params.items()}, x.cuda(), y.cuda())
+    Hg = hs.loss_hessian(model.to("cuda"), {k: v.cuda() for k, v in params.items()}, x.cuda(), y.cuda())
     try:
         v = torch.linspace(-1, 1, H.dim, dtype=torch.float64)
         torch.testing.assert_close(Hg.hvp(v).cpu(), H.hvp(v), rtol=1e-9, atol=1e-12)
