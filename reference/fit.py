@@ -108,7 +108,6 @@ def fit(
     hint: str = "try a lower learning rate (or set grad_clip)",
     progress: bool = False,
     desc: str = "fit",
-    postfix: Callable[[], dict[str, object]] | None = None,
 ) -> FitResult:
     """Run the loop of the module docstring on ``leaves`` (tensors with ``requires_grad``, updated in
     place) and return the recorded step losses.
@@ -117,7 +116,7 @@ def fit(
     ``steps`` (optional) stops earlier. ``batch_dims``: leading model dimensions of every leaf (1 for
     K stacked models; the data order then needs K generators). ``at(epoch)`` names the epoch in a
     divergence message (default ``"epoch e/E"``); ``context`` (a string, or a function of the model
-    index k) follows the step. ``postfix()`` adds entries to the progress bar after each epoch.
+    index k) follows the step.
     """
     if check not in ("epoch", "step"):
         raise ValueError(f"check must be 'epoch' or 'step', got {check!r}")
@@ -168,7 +167,7 @@ def fit(
                 _raise_if_bad(hist, what, where(epoch), ctx, hint, step_in=True)
             history.append(hist)
             if progress:
-                bar.set_postfix(loss=f"{float(hist.float().mean()):.4f}", **(postfix() if postfix else {}))
+                bar.set_postfix(loss=f"{float(hist.float().mean()):.4f}")
     return FitResult(torch.cat(history) if history else torch.zeros(0, 1), step)
 
 

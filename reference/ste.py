@@ -171,7 +171,7 @@ def straight_through(
     def after(batch: Batch) -> None:
         nonlocal projected
         # the points' value Σ λᵢ Pᵢ(θᵢ) stays finite whatever θ̃ is; θ̃ itself may not
-        if not all(bool(torch.isfinite(t).all()) for t in flat):
+        if not bool(torch.stack([torch.isfinite(t).all() for t in flat]).all()):  # one host sync
             raise ValueError(
                 f"{what} diverged: a free point θ̃ became non-finite at step {batch.step + 1}/{steps} "
                 f"with {cfg.optimizer} lr={cfg.lr:g}; try a lower learning rate (or set grad_clip)"
