@@ -12,6 +12,17 @@ Some normalisations restrict the group: GroupNorm with ``g`` groups over ``C`` c
 same function only under permutations that map each contiguous block of ``C/g`` channels onto a
 block. Such a group carries ``blocks[group] = C/g``; random permutations and matching respect it.
 
+Two structures beyond "one group per axis" (both produced by ``reference.trace.trace_spec``):
+
+- **Segments.** An axis of a concatenation (``torch.cat`` along channels: DenseNet, U-Net skips, the
+  stacked Q/K/V rows of ``nn.MultiheadAttention``'s ``in_proj_weight``) is permuted by the direct sum
+  of several groups: its entry is a tuple of ``(group | None, length)`` segments, consecutive along
+  the axis (``None``: that segment is never permuted). A group may appear in several segments.
+- **Coupled heads.** Attention heads permute as blocks: the Q/K group and the V/output group of one
+  attention layer each carry ``blocks[g] = head_dim`` (units may move only within a head, heads
+  only as wholes), and ``heads[g]`` names the *head class* they share: every group of one class must
+  map heads to heads the same way (one head permutation; the within-head permutations are free).
+
 A ``Permutation`` made without a spec (``Permutation.load`` / ``from_json`` without one, or from a bare
 dict) is only checked to be a bijection per group; ``apply`` checks every group's length against the
 spec it is given, and its blocks against ``spec.blocks``, whichever way the permutation was made.
@@ -30,56 +41,116 @@ from torch import Tensor
 from . import validate
 from .params import Params
 
-__all__ = ["PermutationSpec", "Permutation"]
+__all__ = ["PermutationSpec", "Permutation", "Segments", "AxisEntry", "entry_groups"]
+
+Segments = tuple[tuple["str | None", int], ...]
+"""A concatenated axis: consecutive ``(group | None, length)`` segments."""
+AxisEntry = "str | None | Segments"
+"""What acts on one axis: one group, none, or consecutive segments of groups."""
+
+
+def entry_groups(entry) -> list[str]:
+    """The groups acting on an axis entry (a segmented axis may name a group more than once)."""
+    if entry is None:
+        return []
+    if isinstance(entry, str):
+        return [entry]
+    return [g for g, _ in entry if g is not None]
+
+
+def _normalise_entry(key: str, ax: int, entry, size: int):
+    """A str / None entry as it is; a segments tuple checked (lengths sum to ``size``) and collapsed to
+    its one group (or ``None``) when a single segment spans the axis."""
+    if entry is None or isinstance(entry, str):
+        return entry
+    if not isinstance(entry, (tuple, list)):
+        raise TypeError(f"key {key!r} axis {ax}: an axis entry is a group name, None or segments, got {entry!r}")
+    segs = []
+    for seg in entry:
+        if not (isinstance(seg, (tuple, list)) and len(seg) == 2):
+            raise TypeError(f"key {key!r} axis {ax}: a segment is (group | None, length), got {seg!r}")
+        g, n = seg
+        if g is not None and not isinstance(g, str):
+            raise TypeError(f"key {key!r} axis {ax}: group names must be str or None, got {g!r}")
+        n = validate.integer(f"segment length of key {key!r} axis {ax}", n)
+        if segs and segs[-1][0] is None and g is None:  # adjacent fixed segments merge
+            segs[-1] = (None, segs[-1][1] + n)
+        else:
+            segs.append((g, n))
+    if sum(n for _, n in segs) != size:
+        raise ValueError(
+            f"key {key!r} axis {ax}: segments {tuple(segs)} have total length {sum(n for _, n in segs)}, "
+            f"the axis has {size}"
+        )
+    if len(segs) == 1:
+        return segs[0][0]
+    return tuple(segs)
 
 
 @dataclass(frozen=True)
 class PermutationSpec:
     """For every key, the group acting on each axis; the shapes it was built for.
 
-    Validated on construction: every key has one entry per axis, every axis a group touches has
-    the same size, every group's block size divides its size.
+    Validated on construction: every key has one entry per axis, every axis (or segment) a group
+    touches has the same size, every group's block size divides its size, the groups of one head
+    class have the same number of heads.
     """
 
     axes: Mapping[str, tuple[str | None, ...]]
     shapes: Mapping[str, tuple[int, ...]]
     blocks: Mapping[str, int] = field(default_factory=dict)
+    heads: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        axes = {k: tuple(v) for k, v in self.axes.items()}
         shapes = {k: tuple(int(s) for s in v) for k, v in self.shapes.items()}
-        object.__setattr__(self, "axes", axes)
-        object.__setattr__(self, "shapes", shapes)
-        object.__setattr__(self, "blocks", dict(self.blocks))
-        if set(axes) != set(shapes):
-            missing = sorted(set(shapes) - set(axes))
-            extra = sorted(set(axes) - set(shapes))
+        axes_in = {k: tuple(v) for k, v in self.axes.items()}
+        if set(axes_in) != set(shapes):
+            missing = sorted(set(shapes) - set(axes_in))
+            extra = sorted(set(axes_in) - set(shapes))
             raise ValueError(f"spec keys and shapes differ: no axes for {missing}, no shape for {extra}")
+        axes: dict[str, tuple] = {}
         sizes: dict[str, tuple[int, str, int]] = {}
-        for k, groups in axes.items():
+        for k, groups in axes_in.items():
             if len(groups) != len(shapes[k]):
                 raise ValueError(
                     f"key {k!r}: {len(groups)} axis entries {groups} for a tensor of shape {shapes[k]}"
                 )
-            for ax, g in enumerate(groups):
-                if g is None:
+            entries = tuple(_normalise_entry(k, ax, e, shapes[k][ax]) for ax, e in enumerate(groups))
+            axes[k] = entries
+            for ax, e in enumerate(entries):
+                if e is None:
                     continue
-                if not isinstance(g, str):
-                    raise TypeError(f"key {k!r}: group names must be str or None, got {g!r}")
-                n = shapes[k][ax]
-                if g in sizes and sizes[g][0] != n:
-                    n0, k0, ax0 = sizes[g]
-                    raise ValueError(
-                        f"group {g!r} acts on axes of different sizes: {k0!r} axis {ax0} has {n0}, "
-                        f"{k!r} axis {ax} has {n}"
-                    )
-                sizes.setdefault(g, (n, k, ax))
+                parts = [(e, shapes[k][ax])] if isinstance(e, str) else [(g, n) for g, n in e if g is not None]
+                for g, n in parts:
+                    if g in sizes and sizes[g][0] != n:
+                        n0, k0, ax0 = sizes[g]
+                        raise ValueError(
+                            f"group {g!r} acts on axes of different sizes: {k0!r} axis {ax0} has {n0}, "
+                            f"{k!r} axis {ax} has {n}"
+                        )
+                    sizes.setdefault(g, (n, k, ax))
+        object.__setattr__(self, "axes", axes)
+        object.__setattr__(self, "shapes", shapes)
+        object.__setattr__(self, "blocks", dict(self.blocks))
+        object.__setattr__(self, "heads", dict(self.heads))
         for g, b in self.blocks.items():
             if g not in sizes:
                 raise ValueError(f"block size given for unknown group {g!r}")
             b = validate.integer(f"block size of group {g!r}", b)
             if sizes[g][0] % b:
                 raise ValueError(f"group {g!r}: block size {b} does not divide its size {sizes[g][0]}")
+        nblocks: dict[str, tuple[int, str]] = {}
+        for g, h in self.heads.items():
+            if g not in sizes:
+                raise ValueError(f"head class given for unknown group {g!r}")
+            if not isinstance(h, str):
+                raise TypeError(f"group {g!r}: a head class is named by a str, got {h!r}")
+            m = sizes[g][0] // self.blocks.get(g, 1)
+            if h in nblocks and nblocks[h][0] != m:
+                raise ValueError(
+                    f"head class {h!r}: group {nblocks[h][1]!r} has {nblocks[h][0]} heads, group {g!r} has {m}"
+                )
+            nblocks.setdefault(h, (m, g))
 
     @classmethod
     def from_params(
@@ -87,27 +158,72 @@ class PermutationSpec:
         axes: Mapping[str, tuple[str | None, ...]],
         params: Mapping[str, Tensor],
         blocks: Mapping[str, int] | None = None,
+        heads: Mapping[str, str] | None = None,
     ) -> PermutationSpec:
         """Build a spec for ``params``; every key of ``params`` must be named in ``axes``."""
         missing = sorted(set(params) - set(axes))
         extra = sorted(set(axes) - set(params))
         if missing or extra:
             raise ValueError(f"spec does not cover the parameters: missing keys {missing}, unknown keys {extra}")
-        return cls(axes, {k: tuple(v.shape) for k, v in params.items()}, blocks or {})
+        return cls(axes, {k: tuple(v.shape) for k, v in params.items()}, blocks or {}, heads or {})
 
     @property
     def groups(self) -> dict[str, list[tuple[str, int]]]:
-        """group → [(key, axis), ...] in key order (derived, never stored)."""
-        out: dict[str, list[tuple[str, int]]] = {}
-        for k, gs in self.axes.items():
-            for ax, g in enumerate(gs):
-                if g is not None:
-                    out.setdefault(g, []).append((k, ax))
+        """group → [(key, axis), ...] in key order (derived, never stored). A segmented axis is listed
+        once per segment of the group: use ``members`` for the segment's offset."""
+        return {g: [(k, ax) for k, ax, _ in ms] for g, ms in self.members.items()}
+
+    @property
+    def members(self) -> dict[str, list[tuple[str, int, int | None]]]:
+        """group → [(key, axis, offset), ...]: ``offset`` is ``None`` where the group spans the whole
+        axis, else where its segment starts (the segment's length is the group's size)."""
+        out: dict[str, list[tuple[str, int, int | None]]] = {}
+        for k, entries in self.axes.items():
+            for ax, e in enumerate(entries):
+                if isinstance(e, str):
+                    out.setdefault(e, []).append((k, ax, None))
+                elif e is not None:
+                    off = 0
+                    for g, n in e:
+                        if g is not None:
+                            out.setdefault(g, []).append((k, ax, off))
+                        off += n
         return out
 
     @property
     def sizes(self) -> dict[str, int]:
-        return {g: self.shapes[k][ax] for g, ((k, ax), *_) in self.groups.items()}
+        out: dict[str, int] = {}
+        for k, entries in self.axes.items():
+            for ax, e in enumerate(entries):
+                if isinstance(e, str):
+                    out.setdefault(e, self.shapes[k][ax])
+                elif e is not None:
+                    for g, n in e:
+                        if g is not None:
+                            out.setdefault(g, n)
+        return {g: out[g] for g in self.members}
+
+    @property
+    def head_classes(self) -> dict[str, list[str]]:
+        """head class → its groups (in ``heads`` order)."""
+        out: dict[str, list[str]] = {}
+        for g, h in self.heads.items():
+            out.setdefault(h, []).append(g)
+        return out
+
+    def index(self, perm: Mapping[str, Tensor], key: str, ax: int) -> Tensor | None:
+        """The index ``P`` reindexes axis ``ax`` of ``key`` with (``None``: the axis is not permuted);
+        a segmented axis gets the direct sum of its segments' indices."""
+        e = self.axes[key][ax]
+        if e is None:
+            return None
+        if isinstance(e, str):
+            return perm[e]
+        parts, off = [], 0
+        for g, n in e:
+            parts.append(torch.arange(off, off + n) if g is None else perm[g].cpu() + off)
+            off += n
+        return torch.cat(parts)
 
     def block(self, group: str) -> int:
         return self.blocks.get(group, 1)
@@ -127,23 +243,43 @@ class PermutationSpec:
                 raise ValueError(f"key {k!r}: shape {got} does not match the spec's {shape}")
 
     def canonical(self) -> PermutationSpec:
-        """The same spec with groups renamed ``g0, g1, ...`` by first appearance in sorted key order.
+        """The same spec with groups renamed ``g0, g1, ...`` by first appearance in sorted key order
+        (head classes ``h0, h1, ...`` by their first group's new name).
 
         Two specs describe the same symmetry iff their canonical forms are equal.
         """
         names: dict[str, str] = {}
         for k in sorted(self.axes):
-            for g in self.axes[k]:
-                if g is not None and g not in names:
-                    names[g] = f"g{len(names)}"
-        axes = {k: tuple(None if g is None else names[g] for g in self.axes[k]) for k in sorted(self.axes)}
+            for e in self.axes[k]:
+                for g in entry_groups(e):
+                    if g not in names:
+                        names[g] = f"g{len(names)}"
+
+        def rename(e):
+            if e is None:
+                return None
+            if isinstance(e, str):
+                return names[e]
+            return tuple((None if g is None else names[g], n) for g, n in e)
+
+        axes = {k: tuple(rename(e) for e in self.axes[k]) for k in sorted(self.axes)}
         shapes = {k: self.shapes[k] for k in sorted(self.shapes)}
-        blocks = {names[g]: b for g, b in self.blocks.items() if b != 1}
-        return PermutationSpec(axes, shapes, blocks)
+        blocks = {names[g]: b for g, b in sorted(self.blocks.items(), key=lambda gb: int(names[gb[0]][1:])) if b != 1}
+        classes: dict[str, str] = {}
+        heads: dict[str, str] = {}
+        for g in sorted(self.heads, key=lambda g: int(names[g][1:])):
+            h = self.heads[g]
+            if len(self.head_classes[h]) < 2 and self.blocks.get(g, 1) in (1, self.sizes[g]):
+                continue  # a class of one group adds nothing to its blocks
+            classes.setdefault(h, f"h{len(classes)}")
+            heads[names[g]] = classes[h]
+        return PermutationSpec(axes, shapes, blocks, heads)
 
     def same_symmetry(self, other: PermutationSpec) -> bool:
         a, b = self.canonical(), other.canonical()
-        return a.axes == b.axes and a.shapes == b.shapes and dict(a.blocks) == dict(b.blocks)
+        return a.axes == b.axes and a.shapes == b.shapes and dict(a.blocks) == dict(b.blocks) and dict(
+            a.heads
+        ) == dict(b.heads)
 
 
 def _check_index(group: str, idx: Tensor, n: int | None, block: int = 1) -> Tensor:
@@ -180,6 +316,24 @@ def _check_blocks(group: str, idx: Tensor, block: int) -> None:
             raise ValueError(f"group {group!r}: permutation does not map blocks of {block} channels onto blocks")
 
 
+def _head_map(idx: Tensor, block: int) -> Tensor:
+    """Where each block of ``block`` units of a block-preserving index comes from."""
+    return idx.cpu().view(-1, block)[:, 0] // block
+
+
+def _check_heads(spec: PermutationSpec, perms: Mapping[str, Tensor]) -> None:
+    """Raise ``ValueError`` unless the groups of every head class move heads the same way."""
+    for h, gs in spec.head_classes.items():
+        maps = [(g, _head_map(perms[g], spec.block(g))) for g in gs if g in perms]
+        for g, m in maps[1:]:
+            if not torch.equal(m, maps[0][1]):
+                raise ValueError(
+                    f"head class {h!r}: groups {maps[0][0]!r} and {g!r} move heads differently "
+                    f"({maps[0][1].tolist()[:8]} vs {m.tolist()[:8]}); heads permute as wholes, one head "
+                    "permutation per attention layer"
+                )
+
+
 class Permutation:
     """A map group → LongTensor index (a bijection of ``range(size)``); immutable."""
 
@@ -196,6 +350,8 @@ class Permutation:
             g: _check_index(g, v, sizes.get(g), spec.block(g) if spec is not None else 1)
             for g, v in perms.items()
         }
+        if spec is not None:
+            _check_heads(spec, self._p)
 
     # --- construction ---------------------------------------------------------------------
     @classmethod
@@ -204,14 +360,19 @@ class Permutation:
 
     @classmethod
     def random(cls, spec: PermutationSpec, generator: torch.Generator | int | None = None) -> Permutation:
-        """A uniformly random permutation respecting ``spec.blocks``; ``generator``: a
-        ``torch.Generator``, an int seed, or ``None`` (torch's global generator)."""
+        """A uniformly random permutation respecting ``spec.blocks`` and ``spec.heads`` (one head
+        permutation per head class); ``generator``: a ``torch.Generator``, an int seed, or ``None``
+        (torch's global generator)."""
         if generator is not None:
             generator = validate.generator(generator)
         out = {}
+        shared: dict[str, Tensor] = {}
         for g, n in spec.sizes.items():
             b = spec.block(g)
-            outer = torch.randperm(n // b, generator=generator)
+            h = spec.heads.get(g)
+            if h is not None and h not in shared:
+                shared[h] = torch.randperm(n // b, generator=generator)
+            outer = shared[h] if h is not None else torch.randperm(n // b, generator=generator)
             inner = torch.stack([torch.randperm(b, generator=generator) for _ in range(n // b)])
             out[g] = (outer[:, None] * b + inner).reshape(-1)
         return cls(out, spec)
@@ -275,7 +436,8 @@ class Permutation:
     # --- action on parameters -------------------------------------------------------------
     def check_fits(self, spec: PermutationSpec) -> None:
         """Raise ``ValueError`` unless every group of ``spec`` has an index here of the group's size that
-        maps ``spec.blocks`` onto blocks (groups ``spec`` does not name are ignored).
+        maps ``spec.blocks`` onto blocks and moves the heads of each head class alike (groups ``spec``
+        does not name are ignored).
 
         ``Permutation(perms, spec)`` checks this on construction; a permutation made without a spec
         (``load`` / ``from_json`` without one) is checked here, by ``apply``.
@@ -289,6 +451,7 @@ class Permutation:
             if idx.numel() != n:
                 raise ValueError(f"group {g!r}: permutation has length {idx.numel()}, the group has size {n}")
             _check_blocks(g, idx, spec.block(g))
+        _check_heads(spec, self._p)
 
     def apply(self, spec: PermutationSpec, params: Mapping[str, Tensor], batch_dims: int = 0) -> Params:
         """P(θ) as a new dict; ``params`` is untouched. ``batch_dims`` leading dims are left alone.
@@ -301,9 +464,10 @@ class Permutation:
         out: Params = {}
         for k, v in params.items():
             w = v
-            for ax, g in enumerate(spec.axes[k]):
-                if g is not None:
-                    w = w.index_select(ax + batch_dims, self._p[g].to(w.device))
+            for ax in range(len(spec.axes[k])):
+                idx = spec.index(self._p, k, ax)
+                if idx is not None:
+                    w = w.index_select(ax + batch_dims, idx.to(w.device))
             out[k] = w if w is not v else v.clone()
         return out
 
@@ -347,4 +511,4 @@ class Permutation:
 
 def permutable_keys(spec: PermutationSpec) -> list[str]:
     """Floating keys a permutation acts on (others are left unchanged)."""
-    return [k for k, gs in spec.axes.items() if any(g is not None for g in gs)]
+    return [k for k, gs in spec.axes.items() if any(entry_groups(g) for g in gs)]

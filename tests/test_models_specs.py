@@ -20,6 +20,7 @@ from reference.models import CNN1D, MLP, VGG, ChannelLayerNorm, ResNet, build_mo
 from reference.params import Params, clone
 from reference.permutation import Permutation, PermutationSpec
 from reference.specs import spec_for, trace_spec
+from reference.trace import trace_report
 
 ATOL = RTOL = 1e-5  # float32: permuted sums run in another order
 
@@ -440,8 +441,9 @@ class _TwoLayer(nn.Module):
         super().__init__()
         self.mode = mode
         self.fc1 = nn.Linear(4, 6)
-        self.fc2 = nn.Linear(6 if mode != "cat" else 12, 3)
-        self.bias = nn.Parameter(torch.zeros(6))
+        self.fc2 = nn.Linear(12 if mode == "cat" else 3 if mode == "slice" else 6, 3)
+        if mode in ("raw_param", "unused"):
+            self.bias = nn.Parameter(torch.zeros(6))
 
     def forward(self, x: Tensor) -> Tensor:
         h = torch.relu(self.fc1(x))
@@ -453,19 +455,58 @@ class _TwoLayer(nn.Module):
             h = h + self.bias
         elif self.mode == "ok":
             h = h * 2.0 + self.fc1(x)
+        elif self.mode == "cumsum":
+            h = torch.cumsum(h, 1)
+        elif self.mode == "slice":
+            h = h[:, :3]
         return self.fc2(h)
 
 
 @pytest.mark.parametrize(
     ("mode", "match"),
-    [("mul_sum", "node 'sum"), ("cat", "node 'cat'"), ("raw_param", "'bias' directly"), ("unused", "'bias'")],
+    [("cumsum", "node 'cumsum"), ("slice", "node 'getitem"), ("unused", "'bias'")],
 )
 def test_trace_spec_rejects_unsupported_ops(mode: str, match: str) -> None:
-    """Unknown operations on permuted tensors raise, naming the node; so do parameters read outside
-    known layers or never reached: no silent guess."""
+    """Unknown operations on permuted tensors raise, naming the node; so do parameters never reached:
+    no silent guess."""
     model = _TwoLayer(mode)
     with pytest.raises(ValueError, match=match):
         trace_spec(model, _input((2, 4)))
+
+
+@pytest.mark.parametrize("mode", ["cumsum", "slice"])
+def test_trace_spec_not_strict_holds_unsupported_ops_fixed(mode: str) -> None:
+    """``strict=False``: the inputs of an operation without a rule are held fixed, the report names it,
+    and the spec still keeps the function."""
+    model = _TwoLayer(mode).double()
+    report = trace_report(model, _input((2, 4)).double(), strict=False)
+    assert report.held and {"cumsum": "cumsum", "slice": "getitem"}[mode] in report.held[0][0]
+    assert "held fixed" in report.text()
+    assert all(all(a is None for a in e) for k, e in report.spec.axes.items() if k.startswith("fc"))
+
+
+@pytest.mark.parametrize(("mode", "units"), [("mul_sum", 6), ("cat", 6), ("raw_param", 6), ("ok", 6)])
+def test_trace_spec_sums_cats_and_raw_parameters(mode: str, units: int) -> None:
+    """A product with a sum over channels, a concatenation (segments), and a parameter read in forward
+    are traced: the spec permutes the hidden units and keeps the function."""
+    torch.manual_seed(0)
+    model = _TwoLayer(mode).double()
+    if mode == "raw_param":
+        with torch.no_grad():
+            model.bias.normal_()
+    x = _input((5, 4)).double()
+    spec = trace_spec(model, x)
+    assert sum(spec.sizes.values()) == units
+    if mode == "cat":
+        assert spec.axes["fc2.weight"][1] == ((spec.axes["fc1.weight"][0], 6),) * 2
+    if mode == "raw_param":
+        assert spec.axes["bias"] == spec.axes["fc1.bias"]
+    theta = model.state_dict()
+    for seed in range(3):
+        moved = Permutation.random(spec, seed).apply(spec, theta)
+        torch.testing.assert_close(
+            torch.func.functional_call(model, moved, (x,)), model(x), rtol=1e-12, atol=1e-12
+        )
 
 
 def test_trace_spec_rejects_flatten_of_feature_maps_and_untraceable_models() -> None:
@@ -499,7 +540,6 @@ def test_trace_spec_rejects_flatten_of_feature_maps_and_untraceable_models() -> 
 def test_trace_spec_supported_ops_and_weight_sharing() -> None:
     """Scaling and residual addition keep / merge spaces; the traced model is not modified."""
     model = _TwoLayer("ok")
-    del model.bias
     before = clone(model.state_dict())
     spec = trace_spec(model, _input((2, 4)))
     assert spec.axes["fc1.weight"] == ("P_fc1", None)
