@@ -13,6 +13,12 @@ Models (the permutation symmetries of each are written out in ``reference/specs.
 - ``ResNet``: the CIFAR ResNet-20 family of He et al. 2016 (§4.2): ``depth = 6n + 2``, three stages of
   ``n`` basic blocks with ``base·width``, ``2·base·width``, ``4·base·width`` channels.
 - ``CNN1D``: a small 1-D CNN for MNIST-1D (Greydanus 2020), inputs ``[B, L]`` or ``[B, C, L]``.
+- ``ViT``, ``CausalTransformer`` (``reference/transformers.py``): a small Vision Transformer
+  (Dosovitskiy et al. 2021) for digits and MNIST-1D patch sequences, and a GPT-style causal language
+  model (Radford et al. 2019) for ``make_sequence_task``.
+- ``MobileNet``, ``DenseNet``, ``UNet`` (``reference/convnets.py``): inverted residuals with depthwise
+  convs (Sandler et al. 2018), dense concatenations (Huang et al. 2017), a U-Net with concatenated
+  skips, transposed convs and GroupNorm (Ronneberger et al. 2015). Their specs: ``reference/specs_modern.py``.
 
 Normalisations (``norm``): ``None``; ``"batch"`` (BatchNorm with running statistics); ``"layer"``
 (``ChannelLayerNorm``: LayerNorm over the channel dimension at every position); ``"group"``
@@ -32,7 +38,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import validate
+from .convnets import DenseNet, MobileNet, UNet
 from .params import Params
+from .transformers import CausalTransformer, ViT
 
 __all__ = [
     "CNN1D",
@@ -407,7 +415,17 @@ class ResNet(nn.Module):
 # --------------------------------------------------------------------------------------------
 # registry, rebuilding, initialisation
 # --------------------------------------------------------------------------------------------
-MODELS: dict[str, Callable[..., nn.Module]] = {"mlp": MLP, "vgg": VGG, "resnet": ResNet, "cnn1d": CNN1D}
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "mlp": MLP,
+    "vgg": VGG,
+    "resnet": ResNet,
+    "cnn1d": CNN1D,
+    "vit": ViT,
+    "causal_transformer": CausalTransformer,
+    "mobilenet": MobileNet,
+    "densenet": DenseNet,
+    "unet": UNet,
+}
 
 
 def build_model(config: dict[str, Any]) -> nn.Module:

@@ -27,6 +27,10 @@ Group names of ``spec_for``: MLP ``P_{i}`` (output of ``layers.{i}``); VGG and C
 block's ``conv2``, the 1×1 shortcut conv and their norms) and ``P_layer{s}.{b}.inner`` (the inner
 conv of block b of stage s). ``trace_spec`` names a group ``P_<module>`` after the first layer
 that opens it (e.g. ``P_layers.0``, ``P_conv``, ``P_layer1.0.conv1``).
+
+The modern zoo's specs (``ViT``, ``CausalTransformer``, ``MobileNet``, ``DenseNet``, ``UNet``: attention
+heads, concatenations, depthwise and transposed convs) are written in ``reference/specs_modern.py`` and
+registered here, so ``spec_for`` returns them too.
 """
 
 from __future__ import annotations
@@ -193,3 +197,9 @@ def spec_for(model: nn.Module) -> PermutationSpec:
             f"{sorted(c.__name__ for c in _SPECS)} (use trace_spec(model, example_input) for others)"
         )
     return fn(model)
+
+
+# the modern zoo (reference/specs_modern.py does not import this module: no cycle)
+from .specs_modern import MODERN_SPECS  # noqa: E402
+
+_SPECS.update(MODERN_SPECS)
