@@ -12,7 +12,9 @@ from the spec's axis for its weight, never from the type name alone:
 
 - ``nn.Linear``: the last axis (a Linear maps the last axis, whatever the leading ones);
 - ``nn.Conv{1,2,3}d`` with a ``k``-dimensional kernel: the axis ``k + 1`` from the end (dim 1 of a
-  batched input, dim 0 of an unbatched one);
+  batched input, dim 0 of an unbatched one); ``nn.ConvTranspose{1,2,3}d`` the same, its output
+  channels being weight axis 1 (``[in, out, k...]``);
+- ``nn.Embedding``: the last axis (weight ``[vocab, dim]``, the group on axis 1);
 - BatchNorm, GroupNorm, InstanceNorm: dim 1 (they require ``[N, C, *]``);
 - ``nn.LayerNorm`` (and ``nn.RMSNorm``): its ``normalized_shape`` is the *trailing* axes of its input
   and its weight has that shape, so weight axis ``a`` is output axis ``a − weight.ndim`` (from the
@@ -21,6 +23,12 @@ from the spec's axis for its weight, never from the type name alone:
   data carries them at −2.
 
 Any other module whose weight carries a group raises ``ValueError`` (its channel axis is unknown).
+A module whose output axis is a concatenation (spec segments: a fused ``qkv`` Linear whose rows are
+``[q; k; v]``, a norm over ``torch.cat`` of channels) produces each of its segments' groups
+(``Producer.offset``: where the group's channels start). A group that no module's output carries
+raises ``ValueError`` naming where it acts: its units cannot be observed by a hook (e.g. the Q/K and
+V groups of ``nn.MultiheadAttention``, whose ``in_proj`` runs inside the module), so activation
+matching and REPAIR cannot treat it; weight matching can.
 
 **Capture** (``hooked``). Forward hooks on the producing modules during ``functional_call``,
 removed on exit (also after an exception). ``channel_stats``, ``cross_correlations`` and
@@ -68,6 +76,19 @@ __all__ = [
 ]
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_OUT_AXIS1 = _TRANSPOSED + (nn.Embedding,)  # weight [in, out, k...] / [vocab, dim]: output channels on axis 1
+
+
+def _output_axis(mod: nn.Module) -> int | None:
+    """The weight axis holding a layer's output channels (``None``: not a layer, e.g. a norm)."""
+    if isinstance(mod, _LAYERS):
+        return 0
+    if isinstance(mod, _OUT_AXIS1):
+        return 1
+    return None
+
+
 _CHANNEL_DIM1_NORMS = (_BatchNorm, nn.GroupNorm, _InstanceNorm)
 _TRAILING_NORMS: tuple[type[nn.Module], ...] = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
@@ -82,7 +103,9 @@ class Producer:
 
     ``dim``: the channel axis of the module's output (``>= 0`` from the front, ``< 0`` from the
     end); ``weight_axis``: the axis of ``<name>.weight`` that carries the group; ``kind``:
-    ``"norm"`` or ``"layer"`` (Linear / conv).
+    ``"norm"`` or ``"layer"`` (Linear / conv). ``offset``: ``None`` where the group spans the
+    channel axis; on a concatenated axis (spec segments) where the group's channels start, and
+    ``width`` the axis' full number of channels.
     """
 
     name: str
@@ -90,6 +113,15 @@ class Producer:
     dim: int
     weight_axis: int
     kind: str
+    offset: int | None = None
+    width: int | None = None
+
+    def units(self, m: Tensor, n: int) -> Tensor:
+        """The group's ``n`` units of a per-channel matrix ``m`` ``[C, C]`` of the module's output
+        channels (``m`` itself unless the channel axis is a concatenation)."""
+        if self.offset is None:
+            return m
+        return m[self.offset : self.offset + n, self.offset : self.offset + n]
 
     @property
     def weight_key(self) -> str:
@@ -109,20 +141,22 @@ class Producer:
 
 def _channel_dim(mod: nn.Module, name: str, group: str, axis: int, weight_ndim: int) -> tuple[int, str]:
     """(channel axis of ``mod``'s output, kind) for a weight whose axis ``axis`` carries ``group``."""
-    if isinstance(mod, _LAYERS):
-        if axis != 0:
+    out_axis = _output_axis(mod)
+    if out_axis is not None:
+        if axis != out_axis:
             raise ValueError(
                 f"{type(mod).__name__} {name!r}: group {group!r} on weight axis {axis}; its output "
-                "channels are weight axis 0"
+                f"channels are weight axis {out_axis}"
             )
-        return (-1 if isinstance(mod, nn.Linear) else 1 - weight_ndim), "layer"
+        return (-1 if isinstance(mod, (nn.Linear, nn.Embedding)) else 1 - weight_ndim), "layer"
     if isinstance(mod, _CHANNEL_DIM1_NORMS):
         return 1, "norm"
     if isinstance(mod, _TRAILING_NORMS):
         return axis - weight_ndim, "norm"
     raise ValueError(
         f"cannot tell which axis of the output of {type(mod).__name__} {name!r} carries group {group!r} "
-        "(known: Linear, Conv1d/2d/3d, BatchNorm, GroupNorm, InstanceNorm, LayerNorm)"
+        "(known: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, BatchNorm, GroupNorm, InstanceNorm, "
+        "LayerNorm, RMSNorm)"
     )
 
 
@@ -131,12 +165,14 @@ def group_producers(model: nn.Module, spec: PermutationSpec) -> dict[str, tuple[
 
     Read from the spec's axes of every ``<module>.weight`` key (module docstring): the norm layers
     carrying the group where there are any, else the Linear / conv layers whose weight axis 0
-    carries it, each in the order of ``spec.axes``. Raises ``ValueError`` for a group without a
-    producer, a module whose weight carries two groups, or a module of unknown channel axis.
+    carries it, each in the order of ``spec.axes``; a segmented axis gives one producer per segment
+    of a group. Raises ``ValueError`` for a group without a producer (activation statistics cannot
+    observe it: use weight matching), a module whose weight carries groups on two axes, or a module
+    of unknown channel axis.
     """
     modules = dict(model.named_modules())
     found: dict[str, dict[str, list[Producer]]] = {}
-    seen: dict[str, str] = {}
+    seen: dict[str, object] = {}
     for k, gs in spec.axes.items():
         if k != "weight" and not k.endswith(".weight"):
             continue
@@ -144,23 +180,41 @@ def group_producers(model: nn.Module, spec: PermutationSpec) -> dict[str, tuple[
         mod = modules.get(name)
         if mod is None:  # a shared module under its second name: hooked under its first
             continue
-        for axis, g in enumerate(gs):
-            if g is None or (isinstance(mod, _LAYERS) and axis != 0):
+        for axis, e in enumerate(gs):
+            out_axis = _output_axis(mod)
+            if e is None or (out_axis is not None and axis != out_axis):
                 continue  # a layer's input axes belong to the groups it reads
-            if name in seen and seen[name] != g:
+            if name in seen and seen[name] != e:
                 raise ValueError(
-                    f"module {name!r} carries two permutation groups on its weight ({seen[name]!r}, {g!r}); "
+                    f"module {name!r} carries two permutation groups on its weight ({seen[name]!r}, {e!r}); "
                     "its outputs cannot be read as one group's units"
                 )
-            seen[name] = g
-            dim, kind = _channel_dim(mod, name, g, axis, len(gs))
-            found.setdefault(g, {}).setdefault(kind, []).append(Producer(name, g, dim, axis, kind))
+            seen[name] = e
+            dim, kind = _channel_dim(mod, name, e if isinstance(e, str) else str(e), axis, len(gs))
+            if isinstance(e, str):
+                found.setdefault(e, {}).setdefault(kind, []).append(Producer(name, e, dim, axis, kind))
+                continue
+            off, width = 0, spec.shapes[k][axis]
+            for g, n in e:
+                if g is not None:
+                    p = Producer(name, g, dim, axis, kind, offset=off, width=width)
+                    found.setdefault(g, {}).setdefault(kind, []).append(p)
+                off += n
     out = {}
+    members = spec.members
     for g in spec.groups:
         kinds = found.get(g, {})
         ps = kinds.get("norm") or kinds.get("layer") or []
         if not ps:
-            raise ValueError(f"no module produces the units of group {g!r} (no Linear/conv/norm weight carries it)")
+            where = ", ".join(
+                f"{k!r} axis {ax}" + ("" if off is None else f" (segment at {off})") for k, ax, off in members[g][:4]
+            )
+            raise ValueError(
+                f"no module produces the units of group {g!r} (no Linear/conv/norm weight carries it on its output "
+                f"axis; it acts on {where}): activation statistics cannot observe its units (e.g. the Q/K and V "
+                "groups of nn.MultiheadAttention, projected inside the module), so activation matching and REPAIR "
+                "cannot align it; use weight matching (reference.matching.weight_matching)"
+            )
         out[g] = tuple(ps)
     return out
 
@@ -195,10 +249,18 @@ def hooked(model: nn.Module, names: Sequence[str], fn: Callable[[str, Tensor], N
             h.remove()
 
 
-def check_inputs(x: Tensor, batch_size: int, least: int = 2) -> None:
-    """``x`` a floating tensor of at least ``least`` examples; ``batch_size`` an integer >= 1."""
-    if not isinstance(x, Tensor) or not x.is_floating_point():
+def check_inputs(x: Tensor, batch_size: int, least: int = 2, *, model: nn.Module | None = None) -> None:
+    """``x`` a floating-point tensor of at least ``least`` examples (an integer one, token ids, when
+    ``model`` holds an ``nn.Embedding``); ``batch_size`` an integer >= 1."""
+    if not isinstance(x, Tensor):
         raise validate.ArgumentTypeError(f"x must be a floating-point tensor, got {type(x).__name__}")
+    tokens = model is not None and any(isinstance(mod, nn.Embedding) for mod in model.modules())
+    integer = not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
+    if not (x.is_floating_point() or (tokens and integer)):
+        raise validate.ArgumentTypeError(
+            f"x must be a floating-point tensor (integer token ids only for a model with nn.Embedding), got "
+            f"dtype {x.dtype}"
+        )
     if x.ndim < 1 or x.shape[0] < least:
         raise ValueError(f"activation statistics need at least {least} examples, got x of shape {tuple(x.shape)}")
     validate.integer("batch_size", batch_size, 1)
@@ -285,7 +347,13 @@ class CrossMoments:
 
 
 def _check_size(p: Producer, v: Tensor, sizes: Mapping[str, int] | None) -> Tensor:
-    if sizes is not None and v.shape[1] != sizes[p.group]:
+    if p.offset is not None:
+        if v.shape[1] != p.width:
+            raise ValueError(
+                f"module {p.name!r}: its output has {v.shape[1]} channels on axis {p.dim}, the spec's concatenated "
+                f"axis has {p.width}"
+            )
+    elif sizes is not None and v.shape[1] != sizes[p.group]:
         raise ValueError(
             f"module {p.name!r}: its output has {v.shape[1]} channels on axis {p.dim}, group {p.group!r} has "
             f"{sizes[p.group]} units"

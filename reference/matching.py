@@ -17,8 +17,23 @@ and the assignment (``solve_lap`` with a ``Solver``).
 For a group with block size b (GroupNorm), P_g must map blocks onto blocks; the best such P_g is
 an assignment between blocks whose costs are the optimal within-block assignments (exact).
 
-**Activation matching** (Git Re-Basin §3.1) maximises, for every group independently, the sum of
-Pearson correlations between the units' activations of the two models on data.
+**Segments and coupled heads** (``reference.permutation``). A group acting on a segment of a
+concatenated axis (``torch.cat``, the ``[q; k; v]`` rows of ``nn.MultiheadAttention.in_proj_weight``)
+contributes that segment, ``θ[k].narrow(ax, offset, n)``, to S_g, once per segment (the q and the k
+segment of one Q/K group both do); every other axis is reindexed with ``spec.index`` (the direct sum
+of its segments' indices). The groups of one attention *head class* (Q/K and V/output of one layer:
+blocks of ``head_dim``, one head permutation) are one unit of coordinate ascent: their S matrices
+are built against the current permutation of everything else and solved jointly by
+``solve_coupled``, which is exact for the linear objective ``Σ_g ⟨S_g, P_g⟩``: for a head pair
+(h, h') each group's best within-head assignment is independent of the others, so the head
+assignment is one linear assignment over the summed within-head optima. This is the "heads first
+by a score, then within heads" scheme of TransFusion (Zhang et al.) and of Verma & Elbayad 2024
+("Merging Text Transformer Models from Different Initializations"), with the per-head score the
+exact within-head assignment value, so the joint step is optimal, not a heuristic.
+
+**Activation matching** (Git Re-Basin §3.1) maximises, for every group independently (every head
+class jointly, by ``solve_coupled``), the sum of Pearson correlations between the units'
+activations of the two models on data.
 
 **Straight-through estimator** (Git Re-Basin §3.3, Algorithm 2; ``ste_matching``) searches for the P
 whose midpoint ``½(θ_a + P(θ_b))`` has a low training loss: a free point θ̃ is projected onto θ_b's
@@ -27,7 +42,8 @@ through the projection to θ̃.
 
 **Sinkhorn matching** (``sinkhorn_matching``) relaxes each group's assignment in weight matching to a
 doubly-stochastic matrix (an entropy-regularised linear assignment solved by Sinkhorn iterations,
-Cuturi 2013), anneals the temperature, and rounds each matrix to a permutation with ``solve_lap``.
+Cuturi 2013), anneals the temperature, and rounds the matrices to a permutation with ``solve_coupled``
+(``solve_lap`` per group, head classes jointly).
 """
 
 from __future__ import annotations
@@ -41,7 +57,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
-from .activations import check_inputs, cross_correlations, group_producers, producer_names
+from .activations import CrossMoments, Producer, check_inputs, cross_correlations, group_producers, producer_names
 from .params import check_compatible, check_finite, float_keys
 from .permutation import Permutation, PermutationSpec
 from .validate import ArgumentTypeError, choice, integer
@@ -52,6 +68,8 @@ __all__ = [
     "weight_matching_objective",
     "activation_matching",
     "solve_lap",
+    "solve_coupled",
+    "matching_units",
     "Solver",
     "SOLVERS",
     "scipy_solver",
@@ -109,6 +127,31 @@ def _resolve_solver(solver: str | Solver) -> Solver:
     return solver
 
 
+def _square(name: str, S: Tensor, n: int | None = None) -> np.ndarray:
+    """``S`` as a float64 numpy array, checked square (of size ``n`` when given)."""
+    if not isinstance(S, Tensor):
+        raise ArgumentTypeError(f"{name} must be a tensor, got {type(S).__name__}")
+    if S.ndim != 2 or S.shape[0] != S.shape[1] or (n is not None and S.shape[0] != n):
+        want = "a square matrix" if n is None else f"a {n} × {n} matrix"
+        raise ValueError(f"{name} must be {want}, got shape {tuple(S.shape)}")
+    return S.detach().double().cpu().numpy()
+
+
+def _within_blocks(S_np: np.ndarray, block: int, solve: Solver) -> tuple[np.ndarray, dict[tuple[int, int], np.ndarray]]:
+    """``(W, inner)``: for every pair of blocks (bi, bj), ``inner[bi, bj]`` the best assignment of the
+    rows of block bi to the columns of block bj and ``W[bi, bj]`` its value (row blocks in order)."""
+    m = S_np.shape[0] // block
+    inner: dict[tuple[int, int], np.ndarray] = {}
+    W = np.empty((m, m))
+    for bi in range(m):
+        for bj in range(m):
+            sub = S_np[bi * block : (bi + 1) * block, bj * block : (bj + 1) * block]
+            c = solve(sub)
+            inner[bi, bj] = c
+            W[bi, bj] = sub[np.arange(block), c].sum()
+    return W, inner
+
+
 def solve_lap(S: Tensor, block: int = 1, solver: str | Solver = "scipy") -> Tensor:
     """argmax_P ⟨S, P⟩ over permutations (``P[i] = j`` pairs row i with column j).
 
@@ -119,41 +162,121 @@ def solve_lap(S: Tensor, block: int = 1, solver: str | Solver = "scipy") -> Tens
     """
     solve = _resolve_solver(solver)
     block = integer("block", block, 1)
-    if S.ndim != 2 or S.shape[0] != S.shape[1]:
-        raise ValueError(f"S must be a square matrix, got shape {tuple(S.shape)}")
-    S_np = S.detach().double().cpu().numpy()
+    S_np = _square("S", S)
     n = S_np.shape[0]
     if n % block:
         raise ValueError(f"block {block} does not divide the size {n} of S")
     if block == 1:
         col = solve(S_np)
         return torch.as_tensor(col, dtype=torch.long)
-    m = n // block
-    inner: dict[tuple[int, int], np.ndarray] = {}
-    W = np.empty((m, m))
-    for bi in range(m):
-        for bj in range(m):
-            sub = S_np[bi * block : (bi + 1) * block, bj * block : (bj + 1) * block]
-            c = solve(sub)
-            inner[bi, bj] = c
-            W[bi, bj] = sub[np.arange(block), c].sum()
+    W, inner = _within_blocks(S_np, block, solve)
     bcol = solve(W)
     perm = np.concatenate([bj * block + inner[bi, bj] for bi, bj in enumerate(bcol)])
     return torch.as_tensor(perm, dtype=torch.long)
 
 
+def solve_coupled(
+    mats: Mapping[str, Tensor], spec: PermutationSpec, solver: str | Solver = "scipy"
+) -> dict[str, Tensor]:
+    """argmax over permutations respecting ``spec`` of ``Σ_g Σᵢ mats[g][i, P_g[i]]``: group → index.
+
+    A group outside every head class is solved alone, ``solve_lap(mats[g], spec.block(g), solver)``.
+    The groups g₁ … g_m of one head class (H heads each, of ``d_g = spec.block(g)`` units) must move
+    heads the same way, so they are solved jointly and exactly: for every head pair (h, h') and group
+    g the within-head value ``V_g[h, h'] = max_π Σᵢ S_g[h d_g + i, h' d_g + π(i)]`` (a d_g × d_g
+    assignment), then the head assignment ``σ = argmax_σ Σ_h Σ_g V_g[h, σ(h)]`` (one H × H
+    assignment), and each group's within-head permutations are its sub-assignments for
+    (h, σ(h)). Given σ the within-head choices of the groups are independent, so this is the global
+    optimum over head-coupled permutations: the "heads first, then within heads" scheme of
+    TransFusion (Zhang et al.) and of Verma & Elbayad 2024 ("Merging Text Transformer Models from
+    Different Initializations"), with the per-head score the exact within-head assignment
+    value, so the joint step is optimal rather than a heuristic. It generalises ``solve_lap(S,
+    block)``, the case of one group. ``solver`` solves every assignment (see ``solve_lap``).
+
+    Returns a new dict in the order of ``mats``. Raises ``ValueError`` for a group ``spec`` does not
+    name, a matrix not of the group's size, or a head class of which ``mats`` holds only some groups
+    (its heads could not move together).
+    """
+    solve = _resolve_solver(solver)
+    sizes = spec.sizes
+    unknown = [g for g in mats if g not in sizes]
+    if unknown:
+        raise ValueError(f"groups {unknown[:5]} are not groups of the spec")
+    classes = spec.head_classes
+    out: dict[str, Tensor] = {}
+    for h, gs in classes.items():
+        present = [g for g in gs if g in mats]
+        if present and len(present) < len(gs):
+            missing = [g for g in gs if g not in mats]
+            raise ValueError(
+                f"head class {h!r}: similarities given for groups {present} but not for {missing}; the groups of "
+                "one head class move heads together and are solved jointly"
+            )
+        if not present:
+            continue
+        values, inners = [], []
+        for g in gs:
+            b = spec.block(g)
+            S_np = _square(f"the similarity of group {g!r}", mats[g], sizes[g])
+            if b == 1:
+                values.append(S_np)
+                inners.append(None)
+            else:
+                W, inner = _within_blocks(S_np, b, solve)
+                values.append(W)
+                inners.append(inner)
+        heads = solve(sum(values[1:], values[0]))
+        for g, inner in zip(gs, inners, strict=True):
+            b = spec.block(g)
+            if inner is None:
+                out[g] = torch.as_tensor(heads, dtype=torch.long)
+            else:
+                perm = np.concatenate([hj * b + inner[hi, hj] for hi, hj in enumerate(heads)])
+                out[g] = torch.as_tensor(perm, dtype=torch.long)
+    for g, S in mats.items():
+        if g not in spec.heads:
+            _square(f"the similarity of group {g!r}", S, sizes[g])
+            out[g] = solve_lap(S, spec.block(g), solve)
+    return {g: out[g] for g in mats}
+
+
+def matching_units(spec: PermutationSpec) -> dict[str, list[str]]:
+    """The units of coordinate ascent: unit name → its groups, in ``spec.groups`` order.
+
+    A group outside every head class is a unit of its own (named by the group); a head class is
+    one unit named by its first group in ``spec.groups`` order, holding the class's groups (in
+    ``spec.head_classes`` order), at that group's place. For a spec without heads the units are
+    the groups, in order.
+    """
+    classes = spec.head_classes
+    out: dict[str, list[str]] = {}
+    seen: set[str] = set()
+    for g in spec.groups:
+        h = spec.heads.get(g)
+        if h is None:
+            out[g] = [g]
+        elif h not in seen:
+            seen.add(h)
+            out[g] = list(classes[h])
+    return out
+
+
 def permute_except(spec: PermutationSpec, perm: Mapping[str, Tensor], key: str, w: Tensor, skip: int) -> Tensor:
     """``w`` (the entry ``key`` of θ_b) reindexed by ``perm`` along every permuted axis but ``skip``.
 
-    Each axis ``ax`` with group ``g = spec.axes[key][ax]`` (not ``None``) becomes
-    ``w.index_select(ax, perm[g])``; axis ``skip`` is left as it is (``skip=-1`` or any axis
-    without a group: nothing is skipped). This is ``P_{−g}(θ_b)[key]`` of the similarity ``S_g`` of
-    weight matching (Git Re-Basin, Algorithm 1), with ``skip`` the axis on which ``g`` acts.
+    Each axis ``ax`` a group acts on becomes ``w.index_select(ax, spec.index(perm, key, ax))`` (for a
+    segmented axis the direct sum of its segments' indices); axis ``skip`` is left as it is
+    (``skip=-1`` or any axis without a group: nothing is skipped). This is ``P_{−g}(θ_b)[key]`` of the
+    similarity ``S_g`` of weight matching (Git Re-Basin, Algorithm 1), with ``skip`` the axis on
+    which ``g`` acts (on a segmented axis the whole axis is skipped: S_g reads only g's segment).
     Returns a new tensor; ``w`` is not modified.
     """
-    for ax, g in enumerate(spec.axes[key]):
-        if g is not None and ax != skip:
-            w = w.index_select(ax, perm[g].to(w.device))
+    for ax in range(len(spec.axes[key])):
+        if ax == skip:
+            continue
+        idx = spec.index(perm, key, ax)
+        if idx is not None:
+            w = w.index_select(ax, idx.to(w.device))
     return w
 
 
@@ -162,7 +285,8 @@ def group_order(groups: Sequence[str], rng: np.random.Generator) -> list[str]:
 
     Draws ``rng.permutation(len(groups))`` once (one draw per pass from the restart's
     ``numpy.random.default_rng(seed)``) and returns the groups in that order. Every group is
-    visited once per pass.
+    visited once per pass. Weight matching passes the names of its units (``matching_units``): the
+    groups, with each head class one entry named by its first group.
     """
     return [groups[i] for i in rng.permutation(len(groups))]
 
@@ -193,6 +317,52 @@ def weight_matching_objective(
     return float(sum((params_a[k].double() * pb[k].double()).sum() for k in float_keys(params_a)))
 
 
+def _check_separable(spec: PermutationSpec) -> None:
+    """Raise ``ValueError`` if one key carries two groups of one head class on different axes: the
+    joint step of a head class treats J as a sum of terms each linear in one of its groups."""
+    for k, entries in spec.axes.items():
+        found: dict[str, tuple[str, int]] = {}
+        for ax, e in enumerate(entries):
+            gs = [e] if isinstance(e, str) else [g for g, _ in e or () if g is not None]
+            for g in gs:
+                h = spec.heads.get(g)
+                if h is None:
+                    continue
+                if h in found and found[h][0] != g and found[h][1] != ax:
+                    raise ValueError(
+                        f"key {k!r} carries groups {found[h][0]!r} (axis {found[h][1]}) and {g!r} (axis {ax}) of one "
+                        f"head class {h!r}: weight matching solves a head class as one linear assignment and cannot "
+                        "handle a tensor bilinear in two of its groups"
+                    )
+                found.setdefault(h, (g, ax))
+
+
+def _similarity(
+    spec: PermutationSpec,
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    perm: Mapping[str, Tensor],
+    g: str,
+    members: Sequence[tuple[str, int, int | None]],
+    n: int,
+    keyset: set[str],
+) -> Tensor:
+    """``S_g[i, j] = Σ_{(k, ax, off) ∋ g} ⟨θ_a[k]_{ax=off+i}, P_{−g}(θ_b)[k]_{ax=off+j}⟩`` (float64, CPU);
+    ``off`` is 0 where g spans the axis, its segment's start on a concatenated axis."""
+    S = torch.zeros(n, n, dtype=torch.float64)
+    for k, ax, off in members:
+        if k not in keyset:
+            continue
+        wa = a[k].double()
+        wb = permute_except(spec, perm, k, b[k].double(), ax)
+        if off is not None:
+            wa, wb = wa.narrow(ax, off, n), wb.narrow(ax, off, n)
+        wa = wa.movedim(ax, 0).reshape(n, -1)
+        wb = wb.movedim(ax, 0).reshape(n, -1)
+        S += (wa @ wb.T).cpu()
+    return S
+
+
 def _weight_matching_once(
     spec: PermutationSpec,
     a: Mapping[str, Tensor],
@@ -206,28 +376,25 @@ def _weight_matching_once(
     """One run of Algorithm 1 with order seed ``seed``. The pieces ``starting_permutation``,
     ``group_order`` and ``permute_except`` are looked up in this module at call time."""
     rng = np.random.default_rng(seed)
-    groups = spec.groups
-    names = list(groups)
+    units = matching_units(spec)
+    names = list(units)
+    members, sizes = spec.members, spec.sizes
     perm = starting_permutation(spec, init)
     obj0 = weight_matching_objective(spec, a, b, Permutation(perm, spec))
     history = [obj0]
     keyset = set(keys)
     for _ in range(max_passes):
         improved = False
-        for g in group_order(names, rng):
-            n = spec.sizes[g]
-            S = torch.zeros(n, n, dtype=torch.float64)
-            for k, ax in groups[g]:
-                if k not in keyset:
-                    continue
-                wa = a[k].double().movedim(ax, 0).reshape(n, -1)
-                wb = permute_except(spec, perm, k, b[k].double(), ax).movedim(ax, 0).reshape(n, -1)
-                S += (wa @ wb.T).cpu()
-            old = float(S[torch.arange(n), perm[g]].sum())
-            new_idx = solve_lap(S, spec.block(g), solve)
-            new = float(S[torch.arange(n), new_idx].sum())
+        for u in group_order(names, rng):
+            mats = {g: _similarity(spec, a, b, perm, g, members[g], sizes[g], keyset) for g in units[u]}
+            new_idx = solve_coupled(mats, spec, solve)
+            old = new = 0.0
+            for g, S in mats.items():
+                rows = torch.arange(S.shape[0])
+                old += float(S[rows, perm[g]].sum())
+                new += float(S[rows, new_idx[g]].sum())
             if new > old + 1e-12 * max(1.0, abs(old)):
-                perm[g] = new_idx
+                perm.update(new_idx)
                 improved = True
         history.append(weight_matching_objective(spec, a, b, Permutation(perm, spec)))
         if not improved:
@@ -257,8 +424,15 @@ def weight_matching(
     ``numpy.random.default_rng(seed + r)``. ``keys`` restricts the objective to some entries
     (default: every floating entry, BatchNorm running statistics included). ``solver``: a name in
     ``SOLVERS`` (looked up when the call starts) or a ``Solver``.
+
+    Segments and head classes (module docstring): a pass visits the units of ``matching_units``
+    (a head class is one unit, solved by ``solve_coupled``), in the order ``group_order(names,
+    rng)`` draws for their names; for a spec without heads these are the groups, as in Algorithm 1.
+    Raises ``ValueError`` if one key carries two groups of one head class on different axes (J would
+    be bilinear in them, and the joint step solves a linear assignment).
     """
     _validate_pair(spec, params_a, params_b)
+    _check_separable(spec)
     restarts = integer("restarts", restarts, 1)
     max_passes = integer("max_passes", max_passes, 1)
     solve = _resolve_solver(solver)
@@ -297,29 +471,41 @@ def activation_matching(
     Units are the output channels of the modules producing each group
     (``reference.activations.group_producers``: norm layers where the group has them, else the
     Linear / conv layers; the channel axis from the module and the spec); where a group has several
-    producers (a residual stream) their correlation matrices are summed. ``x`` runs in chunks of
+    producers (a residual stream; the q and k projections of a Q/K group) their correlation matrices
+    are summed; a producer whose output axis is a concatenation (a fused ``qkv`` Linear) contributes
+    its group's segment of the correlation matrix. The groups of a head class are solved jointly
+    (``solve_coupled``). A group no module's output carries (the Q/K and V groups of
+    ``nn.MultiheadAttention``, whose projections run inside the module) raises ``ValueError``:
+    activation matching cannot observe it; use weight matching. ``x`` runs in chunks of
     ``batch_size`` in eval mode (``train_mode=True``: train mode, BatchNorm on batch statistics);
     moments accumulate in float64 (``reference.activations.CrossMoments``). A GroupNorm group gets
     the best block-preserving assignment. ``objective``: ``Σ_g Σᵢ C_g[i, P_g[i]]``; ``history``: the
     identity's objective, then the result's.
     """
     _validate_pair(spec, params_a, params_b)
-    check_inputs(x, batch_size)
+    check_inputs(x, batch_size, model=model)
     producers = group_producers(model, spec)
     names = producer_names(producers)
     moments = cross_correlations(
         model, params_a, params_b, x, list(names.values()), batch_size=batch_size, train=train_mode, sizes=spec.sizes
     )
-    perm = {}
+    sizes = spec.sizes
+    corr: dict[str, Tensor] = {}
+    mats = {g: sum(p.units(_corr(moments, p, corr), sizes[g]) for p in ps) for g, ps in producers.items()}
+    perm = solve_coupled(mats, spec)
     obj = obj0 = 0.0
-    for g, ps in producers.items():
-        C = sum(moments[p.name].corr() for p in ps)
-        idx = solve_lap(C, spec.block(g))
-        perm[g] = idx
+    for g, C in mats.items():
         n = C.shape[0]
-        obj += float(C[torch.arange(n), idx].sum())
+        obj += float(C[torch.arange(n), perm[g]].sum())
         obj0 += float(C.diagonal().sum())
     return MatchResult(Permutation(perm, spec), obj, (obj0, obj), "activation")
+
+
+def _corr(moments: Mapping[str, CrossMoments], p: Producer, cache: dict[str, Tensor]) -> Tensor:
+    """The correlation matrix of producer ``p``'s module, computed once per module."""
+    if p.name not in cache:
+        cache[p.name] = moments[p.name].corr()
+    return cache[p.name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,11 +562,19 @@ def _soft_apply_except(spec: PermutationSpec, mats: Mapping[str, Tensor], key: s
     """M(θ)[key] with every group's soft matrix applied except on axis ``skip``.
 
     Along an axis of group g, unit i becomes ``Σ_j M_g[i, j] w[j]``; for the 0/1 matrix of an index
-    p (``M[i, p[i]] = 1``) this is ``w.index_select(ax, p)``, i.e. ``Permutation.apply``.
+    p (``M[i, p[i]] = 1``) this is ``w.index_select(ax, p)``, i.e. ``Permutation.apply``. A
+    segmented axis gets the block-diagonal matrix of its segments (the identity on a ``None`` one).
     """
-    for ax, g in enumerate(spec.axes[key]):
-        if g is not None and ax != skip:
-            w = torch.movedim(torch.tensordot(mats[g].to(w), w, dims=([1], [ax])), 0, ax)
+    for ax, e in enumerate(spec.axes[key]):
+        if e is None or ax == skip:
+            continue
+        if isinstance(e, str):
+            M = mats[e].to(w)
+        else:
+            M = torch.block_diag(
+                *[torch.eye(n, dtype=w.dtype, device=w.device) if g is None else mats[g].to(w) for g, n in e]
+            )
+        w = torch.movedim(torch.tensordot(M, w, dims=([1], [ax])), 0, ax)
     return w
 
 
@@ -448,7 +642,9 @@ def sinkhorn_matching(
 
     Start: the uniform matrices ``1/n`` (no unit preferred), or ``init``'s 0/1 matrices. End: each
     M_g is rounded to ``solve_lap(M_g, spec.block(g))`` = argmax_P Σᵢ M_g[i, P[i]], over
-    block-preserving permutations for GroupNorm groups. ``refine=True`` then runs
+    block-preserving permutations for GroupNorm groups; the groups of a head class are rounded
+    jointly, ``solve_coupled`` (one head permutation). The relaxation itself ignores blocks and
+    heads; a segment of a concatenated axis is mixed by its group's matrix (block-diagonal). ``refine=True`` then runs
     ``weight_matching`` from the rounded permutation (coordinate ascent to a local optimum of the
     hard objective). Unlike hard coordinate ascent, J(M) need not increase monotonically
     (the entropy term and the temperature change between updates). ``keys``: as in
@@ -468,8 +664,8 @@ def sinkhorn_matching(
     if init is not None:
         init = Permutation(init.to_dict(), spec)  # ValueError if it does not fit the spec
     keyset = set(ks)
-    groups = spec.groups
-    names = list(groups)
+    members = spec.members
+    names = list(members)
     sizes = spec.sizes
     dev = next(iter(params_a.values())).device
     mats: dict[str, Tensor] = {}
@@ -489,12 +685,14 @@ def sinkhorn_matching(
                 g = names[gi]
                 n = sizes[g]
                 S = torch.zeros(n, n, dtype=torch.float64, device=dev)
-                for k, ax in groups[g]:
+                for k, ax, off in members[g]:
                     if k not in keyset:
                         continue
-                    wa = params_a[k].double().movedim(ax, 0).reshape(n, -1)
-                    wb = _soft_apply_except(spec, mats, k, params_b[k].double(), ax).movedim(ax, 0).reshape(n, -1)
-                    S += wa @ wb.T
+                    wa = params_a[k].double()
+                    wb = _soft_apply_except(spec, mats, k, params_b[k].double(), ax)
+                    if off is not None:
+                        wa, wb = wa.narrow(ax, off, n), wb.narrow(ax, off, n)
+                    S += wa.movedim(ax, 0).reshape(n, -1) @ wb.movedim(ax, 0).reshape(n, -1).T
                 sigma = float(S.std(correction=0)) if n > 1 else 0.0
                 scale = sigma if sigma > 0 and math.isfinite(sigma) else 1.0
                 eps = t * scale
@@ -503,7 +701,7 @@ def sinkhorn_matching(
                 mats[g] = X.exp()
                 duals[g] = (f * eps, h * eps)  # in units of S: the next update starts here
             history.append(_soft_objective(spec, params_a, params_b, mats))
-    perm = Permutation({g: solve_lap(mats[g], spec.block(g)) for g in names}, spec)
+    perm = Permutation(solve_coupled({g: mats[g] for g in names}, spec), spec)
     if refine:
         perm = weight_matching(spec, params_a, params_b, seed=seed, init=perm, keys=ks).perm
     obj = weight_matching_objective(spec, params_a, params_b, perm)

@@ -18,7 +18,9 @@ matching never decreases (it accepts only improvements over its warm start).
 result depends on how each input's units happen to be numbered. The default ``init="canonical"``
 starts every model from a labelling-free order: the units of each group sorted by their squared
 weight norm ``Σ_{(k, ax) ∋ g} ‖θ[k]_{ax=u}‖²`` (row norms do not change when other axes are
-permuted), blocks of a GroupNorm group sorted by their summed norm and units within a block. Two
+permuted), blocks of a GroupNorm group sorted by their summed norm and units within a block, the
+heads of an attention head class sorted by their norm summed over the class's groups (one head
+order) and units within each head (segments of a concatenated axis: the group's segment). Two
 inputs that differ only by a relabelling Q then have the same canonical form, every later step is
 the same, and the merged *function* is exactly invariant to permuting any input model (ties of
 the norms aside: weights in general position have none). No model's permutation is fixed during
@@ -35,8 +37,10 @@ block matrix ``T[i, j] = M(P_ij)`` equals ``V Vᵀ`` with ``Vᵢ = M(Uᵢ)ᵀ`` 
 consistent; its top ``n`` eigenvectors E span V. Rounding: Pachauri's reference rounding
 ``M(P_i0) ≈ N Eᵢ E₀ᵀ`` by ``solve_lap``, then ``refine_iters`` rounds of orthogonal Procrustes
 (``R = polar(Eᵀ V)``, ``Vᵢ = round(Eᵢ R)``), which no longer favour model 0. GroupNorm blocks are
-respected by ``solve_lap(S, block)``. ``method="mergemany"``: ``Uᵢ`` = MergeMany's ``perms[i]``
-(everything aligned to the merged model).
+respected by ``solve_lap(S, block)``; the groups of an attention head class are rounded jointly
+(``reference.matching.solve_coupled``: one head permutation, the exact optimum of the summed
+rounding objectives), so every ``Uᵢ`` moves heads as wholes. ``method="mergemany"``: ``Uᵢ`` =
+MergeMany's ``perms[i]`` (everything aligned to the merged model).
 
 **Non-transitivity.** Pairwise weight matching of three models A, B, C gives ``P_AB``, ``P_BC``,
 ``P_AC``; exact alignments satisfy ``P_AC = P_AB ∘ P_BC``. ``nontransitivity`` reports the fraction
@@ -74,7 +78,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import validate
 from .activations import Producer, channel_stats, check_inputs, forward_order, group_producers, producer_names
 from .bn import recompute_bn_stats
-from .matching import solve_lap, weight_matching
+from .matching import matching_units, solve_coupled, weight_matching
 from .params import Params, check_compatible, check_finite, combine, float_keys, is_float
 from .permutation import Permutation, PermutationSpec
 
@@ -168,27 +172,39 @@ def canonical_permutation(spec: PermutationSpec, params: Mapping[str, Tensor]) -
     """A labelling-free order of every group: units sorted by their squared weight norm.
 
     ``key_g[u] = Σ_{(k, ax) ∋ g} ‖θ[k]_{ax=u}‖²`` over the floating entries (BatchNorm statistics
-    included). A GroupNorm group (block b) sorts its blocks by the summed key, then the units
-    inside each block. Equivariance: ``canonical(Q(θ)) ∘ Q = canonical(θ)`` for every permutation Q
-    (block-preserving for GroupNorm groups) whenever the keys have no ties, so
-    ``canonical(Q(θ)).apply(Q(θ)) == canonical(θ).apply(θ)``: the canonical form forgets labels.
+    included; on a concatenated axis the group's segment). A GroupNorm group (block b) sorts its
+    blocks by the summed key, then the units inside each block. The groups of one attention head
+    class sort their heads together, by the key summed over the head's units in every group of the
+    class (one head order), then each group its units inside each head. Equivariance:
+    ``canonical(Q(θ)) ∘ Q = canonical(θ)`` for every permutation Q respecting ``spec`` whenever the
+    keys have no ties, so ``canonical(Q(θ)).apply(Q(θ)) == canonical(θ).apply(θ)``: the canonical
+    form forgets labels.
     """
     spec.check_params(params)
-    out = {}
-    for g, members in spec.groups.items():
-        n = spec.sizes[g]
+    sizes = spec.sizes
+    keys: dict[str, Tensor] = {}
+    for g, members in spec.members.items():
+        n = sizes[g]
         key = torch.zeros(n, dtype=torch.float64)
-        for k, ax in members:
+        for k, ax, off in members:
             v = params[k]
             if not is_float(v):
                 continue
-            key += v.detach().double().cpu().movedim(ax, 0).reshape(n, -1).square().sum(1)
-        b = spec.block(g)
-        if b == 1:
-            out[g] = torch.argsort(key, stable=True)
-        else:
-            kb = key.view(n // b, b)
-            order = torch.argsort(kb.sum(1), stable=True)
+            t = v.detach().double().cpu()
+            if off is not None:
+                t = t.narrow(ax, off, n)
+            key += t.movedim(ax, 0).reshape(n, -1).square().sum(1)
+        keys[g] = key
+    out = {}
+    for gs in matching_units(spec).values():
+        head_key = sum(keys[g].view(-1, spec.block(g)).sum(1) for g in gs) if len(gs) > 1 else None
+        for g in gs:
+            n, b = sizes[g], spec.block(g)
+            if b == 1 and head_key is None:
+                out[g] = torch.argsort(keys[g], stable=True)
+                continue
+            kb = keys[g].view(n // b, b)
+            order = torch.argsort(kb.sum(1) if head_key is None else head_key, stable=True)
             inner = torch.argsort(kb, dim=1, stable=True)
             out[g] = (order[:, None] * b + inner[order]).reshape(-1)
     return Permutation(out, spec)
@@ -311,8 +327,10 @@ def pairwise_from_universe(U: UniverseResult | Sequence[Permutation], i: int, j:
     return us[i].inverse().compose(us[j])
 
 
-def _round_rows(S: np.ndarray, block: int) -> Tensor:
-    return solve_lap(torch.from_numpy(S), block)
+def _round_rows(spec: PermutationSpec, mats: Mapping[str, np.ndarray]) -> dict[str, Tensor]:
+    """Round similarity matrices (group → array) to a permutation respecting ``spec``'s blocks and heads
+    (``solve_coupled``: ``solve_lap(S, block)`` per group, the groups of a head class jointly)."""
+    return solve_coupled({g: torch.from_numpy(S) for g, S in mats.items()}, spec)
 
 
 def permutation_sync(
@@ -345,33 +363,42 @@ def permutation_sync(
     if missing:
         raise ValueError(f"pairwise permutations missing for model pairs {missing[:5]}")
     out: list[dict[str, Tensor]] = [{} for _ in range(N)]
-    for g, n in spec.sizes.items():
-        b = spec.block(g)
-        T = np.zeros((N * n, N * n))
-        for i in range(N):
-            T[i * n : (i + 1) * n, i * n : (i + 1) * n] = np.eye(n)
-        for (i, j), ps in blocks.items():
-            m = sum(_matrix(P[g]) for P in ps) / len(ps)
-            T[i * n : (i + 1) * n, j * n : (j + 1) * n] = m
-            T[j * n : (j + 1) * n, i * n : (i + 1) * n] = m.T
-        _, vecs = np.linalg.eigh(T)
-        E = vecs[:, -n:]  # top-n eigenvectors (eigh sorts ascending)
-        Eb = [E[i * n : (i + 1) * n] for i in range(N)]
+    sizes = spec.sizes
+    for gs in matching_units(spec).values():
+        Es: dict[str, np.ndarray] = {}
+        Eb: dict[str, list[np.ndarray]] = {}
+        for g in gs:
+            n = sizes[g]
+            T = np.zeros((N * n, N * n))
+            for i in range(N):
+                T[i * n : (i + 1) * n, i * n : (i + 1) * n] = np.eye(n)
+            for (i, j), ps in blocks.items():
+                m = sum(_matrix(P[g]) for P in ps) / len(ps)
+                T[i * n : (i + 1) * n, j * n : (j + 1) * n] = m
+                T[j * n : (j + 1) * n, i * n : (i + 1) * n] = m.T
+            _, vecs = np.linalg.eigh(T)
+            E = Es[g] = vecs[:, -n:]  # top-n eigenvectors (eigh sorts ascending)
+            Eb[g] = [E[i * n : (i + 1) * n] for i in range(N)]
         # Pachauri's rounding against model 0: M(P_i0) ≈ N Eᵢ E₀ᵀ; Vᵢ = M(P_i0) (rows: model-i units)
-        ps = [torch.arange(n)] + [_round_rows(Eb[i] @ Eb[0].T, b) for i in range(1, N)]
+        ps = [{g: torch.arange(sizes[g]) for g in gs}] + [
+            _round_rows(spec, {g: Eb[g][i] @ Eb[g][0].T for g in gs}) for i in range(1, N)
+        ]
         for _ in range(refine_iters):
-            V = np.concatenate([_matrix(p) for p in ps])
-            A, _, Bt = np.linalg.svd(E.T @ V)
-            R = A @ Bt  # argmax_R ⟨E R, V⟩ over orthogonal R (Procrustes)
-            new = [_round_rows(Eb[i] @ R, b) for i in range(N)]
-            if all(torch.equal(x, y) for x, y in zip(new, ps, strict=True)):
+            R = {}
+            for g in gs:
+                V = np.concatenate([_matrix(p[g]) for p in ps])
+                A, _, Bt = np.linalg.svd(Es[g].T @ V)
+                R[g] = A @ Bt  # argmax_R ⟨E R, V⟩ over orthogonal R (Procrustes)
+            new = [_round_rows(spec, {g: Eb[g][i] @ R[g] for g in gs}) for i in range(N)]
+            if all(torch.equal(x[g], y[g]) for x, y in zip(new, ps, strict=True) for g in gs):
                 break
             ps = new
         # Vᵢ = M(pᵢ) = M(Uᵢ)ᵀ, so Uᵢ = pᵢ⁻¹; relabel the universe so that U_0 = identity
-        us = [torch.argsort(p) for p in ps]
-        g0 = torch.argsort(us[0])  # U_0⁻¹
-        for i in range(N):
-            out[i][g] = us[i][g0]  # (U_0⁻¹ ∘ Uᵢ) index: uᵢ[u0⁻¹]
+        for g in gs:
+            us = [torch.argsort(p[g]) for p in ps]
+            g0 = torch.argsort(us[0])  # U_0⁻¹
+            for i in range(N):
+                out[i][g] = us[i][g0]  # (U_0⁻¹ ∘ Uᵢ) index: uᵢ[u0⁻¹]
     return [Permutation(o, spec) for o in out]
 
 
@@ -491,7 +518,7 @@ def channel_statistics(
     ``x`` in eval mode: ``{module name: (mean [C], std [C])}``, over examples and positions."""
     spec = _spec_of(model, spec)
     spec.check_params(params)
-    check_inputs(x, batch_size)
+    check_inputs(x, batch_size, model=model)
     prods = list(_producers(model, spec).values())
     return channel_stats(model, params, x, prods, batch_size=batch_size, sizes=spec.sizes)
 
@@ -550,7 +577,7 @@ def repair(
     spec = _spec_of(model, spec)
     pts = check_models(spec, endpoints, 1)
     c = _check_coeffs(coeffs, len(pts))
-    check_inputs(x, batch_size)
+    check_inputs(x, batch_size, model=model)
     eps = validate.number("eps", eps, minimum=0)
     theta = combine(c, pts)
     modules = dict(model.named_modules())

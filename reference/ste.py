@@ -5,7 +5,9 @@ Given models θ₁ … θₙ (θ₁ fixed), look for permutations P₂ … Pₙ 
 
 1. projects θ̃ᵢ onto θᵢ's permutation orbit, ``Pᵢ = weight_matching(θ̃ᵢ, θᵢ, init=Pᵢ)``
    (warm-started; only every ``rematch_every`` steps, and at every evaluation), weight-matching order
-   seed ``seed + 1 + s`` at step s;
+   seed ``seed + 1 + s`` at step s; the projection is the only place a similarity is rounded to a
+   permutation, so it respects the spec's blocks, segments and attention head classes (each class
+   solved jointly, ``reference.matching.solve_coupled``) and every candidate keeps the function;
 2. forms the point(s) ``Σᵢ λᵢ (Pᵢ(θᵢ) + θ̃ᵢ − stopgrad(θ̃ᵢ))``: their value is Σᵢ λᵢ Pᵢ(θᵢ), their
    gradient with respect to θ̃ᵢ is λᵢ times the loss gradient at the point (the straight-through
    estimator, Bengio et al. 2013);

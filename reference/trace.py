@@ -781,7 +781,7 @@ def _reshape(tracer: SpecInterpreter, n: fx.Node, x: fx.Node, out_shape: Sequenc
             and len(gj) == 1
             and sp.kind_of(axes[gi[0]]) == "head"
             and sp.kind_of(axes[gi[1]]) == "within"
-            and sp.derived(axes[gi[0]])[2:] == sp.derived(axes[gi[1]])[2:]
+            and sp.derived(axes[gi[0]])[2] == sp.derived(axes[gi[1]])[2]  # as many heads (head sizes may differ)
             and sp.coupled(sp.derived(axes[gi[0]])[1], sp.derived(axes[gi[1]])[1])
         ):
             out[gj[0]] = sp.derived(axes[gi[1]])[1]
