@@ -1,4 +1,6 @@
-"""``python -m repro list`` · ``python -m repro run TARGET… | --all [--size quick|cpu|paper] [--set k=v]…``."""
+"""``python -m repro list`` · ``python -m repro run TARGET… | --all [--size quick|cpu|paper] [--set k=v]…`` ·
+``python -m repro align --model pkg.module:factory --a A.pt --b B.pt --method weight|activation|ste --data D
+--out DIR`` (``repro/align.py``)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from . import align
 from .runner.config import parse_override
 from .runner.declare import SIZES, get_target, load_all
 from .runner.executors import EXECUTORS, RAY_MISSING
@@ -42,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="where jobs run: this process, worker processes, or Ray; results are the same")
     r.add_argument("--workers", type=int, default=None, help="process: worker processes; ray: CPUs of a local instance")
     r.add_argument("--address", default=None, help="ray: the cluster to join (e.g. auto)")
+    align.add_parser(sub)
     return p
 
 
@@ -58,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd == "list":
         return _list()
+    if args.cmd == "align":
+        return align.run(args, argv)
     if args.quick and args.size not in (None, "quick"):
         print(f"error: --quick contradicts --size {args.size}", file=sys.stderr)
         return 2
