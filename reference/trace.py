@@ -742,8 +742,6 @@ def _reshape_groups(a: Sequence[int], b: Sequence[int]) -> list[tuple[list[int],
                 gj.append(j)
                 pb *= b[j]
                 j += 1
-        while i < len(a) and a[i] == 1 and False:  # pragma: no cover
-            i += 1
         out.append((gi, gj))
     return out
 
@@ -762,7 +760,6 @@ def _reshape(tracer: SpecInterpreter, n: fx.Node, x: fx.Node, out_shape: Sequenc
     axes, shape = tracer.axes[x], tracer.shapes[x]
     out = [FIXED] * len(out_shape)
     for gi, gj in _reshape_groups(shape, list(out_shape)):
-        live = [i for i in gi if sp.permuted(axes[i])]
         for i in gi:
             if shape[i] == 1 and sp.permuted(axes[i]):
                 sp.fix(axes[i])  # a size-1 axis has only the identity anyway
@@ -1288,6 +1285,32 @@ _ADD_TARGETS: tuple[Any, ...] = (
     "sub",
     "sub_",
 )
+_POINTWISE: tuple[Any, ...] = (
+    operator.pow,
+    torch.pow,
+    torch.exp,
+    torch.log,
+    torch.sqrt,
+    torch.rsqrt,
+    torch.abs,
+    torch.erf,
+    torch.square,
+    torch.clamp,
+    torch.maximum,
+    torch.minimum,
+    "pow",
+    "exp",
+    "log",
+    "sqrt",
+    "rsqrt",
+    "abs",
+    "erf",
+    "square",
+    "clamp",
+    "clamp_min",
+    "clamp_max",
+)
+"""Pointwise maps of one or more tensors: one tensor keeps its spaces, several merge like ``+``."""
 _SCALE_TARGETS: tuple[Any, ...] = (
     operator.mul,
     operator.imul,
@@ -1400,6 +1423,7 @@ RULES: dict[Any, Rule] = {
     "transpose": transpose,
     **dict.fromkeys(_ADD_TARGETS, residual_add),
     **dict.fromkeys(_SCALE_TARGETS, scale),
+    **dict.fromkeys(_POINTWISE, scale),
     "size": shape_query,
     "dim": shape_query,
     getattr: _getattr,
