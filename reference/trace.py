@@ -509,6 +509,9 @@ class SpecInterpreter(fx.Interpreter):
                 return [FIXED] * nd  # a constant (or a non-persistent buffer): nothing to permute
             # a parameter / buffer read directly in forward (class token, position embedding, ...):
             # each axis of size > 1 opens a space, merged with whatever it meets
+            if not result.is_floating_point():  # an integer / boolean buffer (a mask): never permuted
+                self.attach(key, [FIXED] * nd)
+                return list(self.key_axes[key])
             axes = [self.open_space(key) if size > 1 else FIXED for size in result.shape]
             self.attach(key, axes)
             return list(self.key_axes[key])
@@ -1119,9 +1122,10 @@ def multihead_attention(tracer: SpecInterpreter, n: fx.Node, result: Any) -> lis
     q, k, v = (tracer.axes[x] for x in nodes)
     kp = n.kwargs.get("key_padding_mask", n.args[3] if len(n.args) > 3 else None)
     am = n.kwargs.get("attn_mask", n.args[5] if len(n.args) > 5 else None)
-    for extra in (kp, am):
-        if isinstance(extra, fx.Node) and tracer.permuted(extra):
-            raise tracer.unsupported(n, "a permuted attention mask")
+    for extra in (kp, am):  # masks index positions, which are never permuted: hold their axes fixed
+        if isinstance(extra, fx.Node) and extra in tracer.axes:
+            for a in tracer.axes[extra]:
+                tracer.spaces.fix(a)
     sp = tracer.spaces
     e, h = m.embed_dim, m.num_heads
     d = e // h
