@@ -30,6 +30,7 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
+import operator
 import sys
 from pathlib import Path
 
@@ -46,6 +47,7 @@ import reference.params
 import reference.specs
 import reference.trace
 from invariants import (
+    props_any_arch,
     props_barrier,
     props_group,
     props_invariance,
@@ -371,6 +373,27 @@ def test_trace_spec_without_residual_merge_caught(monkeypatch):
         monkeypatch.setitem(reference.trace.RULES, target, first_operand)
     assert_caught(monkeypatch, props_specs.test_traced_spec_has_the_hand_written_symmetry)
     assert_caught(monkeypatch, props_specs.test_traced_spec_preserves_the_function)
+
+
+def test_trace_spec_without_contraction_merge_caught(monkeypatch):
+    """Spec discovery whose matrix product forgets to merge the contracted axes: ``q @ kᵀ`` no longer
+    couples Q with K inside each head (heads still move together), so the traced spec of a
+    hand-written attention permutes Q and K independently and changes the function."""
+
+    def no_contraction(tracer, n, result):
+        xa, xb = tracer.axes[n.args[0]], tracer.axes[n.args[1]]
+        for a, b in zip(xa[:-2], xb[:-2], strict=True):  # batch (head) axes still merged
+            tracer.spaces.union(a, b)
+        return [*xa[:-2], xa[-2], xb[-1]]
+
+    matmuls = [t for t, rule in reference.trace.RULES.items() if rule is reference.trace.matmul]
+    assert operator.matmul in matmuls
+    for target in matmuls:
+        monkeypatch.setitem(reference.trace.RULES, target, no_contraction)
+    with pytest.raises(AssertionError):
+        mutation_copy(monkeypatch, props_any_arch.test_random_permutation_keeps_the_function, 60)(
+            family="transformer"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
