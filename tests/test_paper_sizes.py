@@ -43,6 +43,10 @@ TINY: dict[str, list[str]] = {
                            "resnet.neb.init_pivots=1", "resnet.neb.sub_points=1", "grid=3", "neb_grid_sub=0"],
     "anokhin2020-connectors": ["one_layer_widths=[8]", "deep_widths=[8]", "deep_second=4", "ensemble_width=8",
                                "ensemble_members=3", "pairs=1", "points_per_segment=3", "train.epochs=1"],
+    "transformer-rebasin": ["widths=[8]", "depth=1", "heads=2", "pairs=1", "grid=3", "wm_restarts=1",
+                            "am_examples=8", "ste_steps=2", "ste_batch=8", "train.epochs=1", "train.batch_size=16",
+                            "lm.dim=8", "lm.depth=1", "lm.heads=2", "lm.sequences=8", "lm.test_sequences=4",
+                            "lm.pairs=1", "lm.train.epochs=1"],
 }
 
 

@@ -49,6 +49,7 @@ MODULES = (
     "repro.targets.permuted_simplex",
     "repro.targets.anokhin2020",
     "repro.targets.rashomon_hessian",
+    "repro.targets.transformer_rebasin",
 )
 
 
