@@ -75,6 +75,7 @@ __all__ = [
     "RULES",
     "TraceReport",
     "UnsupportedOperation",
+    "spec_coverage",
     "trace_report",
     "attention",
     "cat",
@@ -1449,28 +1450,34 @@ class TraceReport:
     held: tuple[tuple[str, str], ...]
 
     def text(self) -> str:
-        """A plain-text coverage report: every group (size, blocks, head class) with the tensors and
-        axes it permutes, the tensors nothing permutes, and the places held fixed."""
-        spec = self.spec
-        lines = [f"{len(spec.sizes)} permutation group(s), {sum(spec.sizes.values())} units"]
-        for g, members in spec.members.items():
-            extra = []
-            if spec.block(g) > 1:
-                extra.append(f"blocks of {spec.block(g)}")
-            if g in spec.heads:
-                extra.append(f"heads move with {sorted(set(spec.head_classes[spec.heads[g]]) - {g})}")
-            lines.append(f"  {g}: {spec.sizes[g]} units" + (f" ({'; '.join(extra)})" if extra else ""))
-            for k, ax, off in members:
-                where = "" if off is None else f"[{off}:{off + spec.sizes[g]}]"
-                lines.append(f"    {k} axis {ax}{where}")
-        fixed = [k for k, e in spec.axes.items() if all(a is None for a in e)]
-        lines.append(f"{len(fixed)} tensor(s) not permuted: " + (", ".join(fixed) if fixed else "none"))
-        if self.held:
-            lines.append("held fixed (a symmetry left unused):")
-            lines += [f"  {where}: {why}" for where, why in self.held]
-        else:
-            lines.append("nothing held fixed beyond the input, the output and positional axes")
-        return "\n".join(lines)
+        """A plain-text coverage report: ``spec_coverage(spec, held)``."""
+        return spec_coverage(self.spec, self.held)
+
+
+def spec_coverage(spec: PermutationSpec, held: Sequence[tuple[str, str]] = ()) -> str:
+    """A plain-text coverage report of ``spec``: every group (size, blocks, head class) with the tensors
+    and axes it permutes (``[a:b]``: its segment of a concatenated axis), the tensors no group permutes,
+    and ``held``, the places a trace held a symmetry fixed and why (``TraceReport.held``)."""
+    if not isinstance(spec, PermutationSpec):
+        raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
+    sizes = spec.sizes
+    lines = [f"{len(sizes)} permutation group(s), {sum(sizes.values())} units"]
+    for g, members in spec.members.items():
+        extra = []
+        if spec.block(g) > 1:
+            extra.append(f"blocks of {spec.block(g)}")
+        if g in spec.heads:
+            extra.append(f"head class {spec.heads[g]!r} with {spec.head_classes[spec.heads[g]]}")
+        lines.append(f"  {g}: {sizes[g]} units" + (f" ({'; '.join(extra)})" if extra else ""))
+        for k, ax, off in members:
+            where = "" if off is None else f"[{off}:{off + sizes[g]}]"
+            lines.append(f"    {k} axis {ax}{where}")
+    fixed = [k for k, e in spec.axes.items() if all(a is None for a in e)]
+    lines.append(f"{len(fixed)} tensor(s) not permuted: " + (", ".join(fixed) if fixed else "none"))
+    if held:
+        lines.append("held fixed (a symmetry left unused):")
+        lines += [f"  {where}: {why}" for where, why in held]
+    return "\n".join(lines)
 
 
 def trace_report(model: nn.Module, example_input: Tensor | tuple, *, strict: bool = True) -> TraceReport:

@@ -66,6 +66,7 @@ from torch.utils._pytree import tree_flatten
 from . import validate
 from .params import Params, combine, is_float
 from .permutation import Permutation, PermutationSpec, entry_groups
+from .trace import spec_coverage  # re-exported: the coverage text of a given spec
 
 __all__ = ["MODES", "VerifyReport", "Violation", "default_tolerance", "spec_coverage", "verify_spec"]
 
@@ -175,29 +176,6 @@ class VerifyReport:
                 + (f"; responsible group(s): {', '.join(groups)}" if groups else "")
             )
         return "\n".join(lines)
-
-
-def spec_coverage(spec: PermutationSpec) -> str:
-    """A plain-text coverage report of ``spec``: each group (size, blocks, head class) with the keys
-    and axes (segment ranges of a concatenated axis) it permutes, then the keys no group permutes."""
-    if not isinstance(spec, PermutationSpec):
-        raise TypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
-    sizes = spec.sizes
-    permuted = [k for k, e in spec.axes.items() if any(entry_groups(a) for a in e)]
-    lines = [f"{len(sizes)} permutation group(s); {len(permuted)} of {len(spec.axes)} tensor(s) permuted"]
-    for g, members in spec.members.items():
-        extra = []
-        if spec.block(g) > 1:
-            extra.append(f"blocks of {spec.block(g)}")
-        if g in spec.heads:
-            extra.append(f"head class {spec.heads[g]!r} with {spec.head_classes[spec.heads[g]]}")
-        lines.append(f"  {g}: {sizes[g]} units" + (f" ({'; '.join(extra)})" if extra else ""))
-        for k, ax, off in members:
-            where = "" if off is None else f"[{off}:{off + sizes[g]}]"
-            lines.append(f"    {k} axis {ax}{where}")
-    fixed = [k for k in spec.axes if k not in permuted]
-    lines.append(f"{len(fixed)} tensor(s) not permuted: " + (", ".join(fixed) if fixed else "none"))
-    return "\n".join(lines)
 
 
 # ============================================================================================

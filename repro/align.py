@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib
-import inspect
 import json
 import math
 import os
@@ -531,29 +530,12 @@ def _parse_shape(text: str | None) -> tuple[int, ...] | None:
 # the spec and its coverage report
 
 
-def spec_coverage_text(spec, source: str, fixed_reasons: Mapping[str, str] | None = None) -> str:
-    """A coverage report of ``spec``: every group (size, block, head class) with the tensors and axes it
-    permutes, then the keys no group touches. ``source`` says where the spec came from."""
-    lines = [f"# permutation spec coverage ({source})", ""]
-    sizes, members = spec.sizes, spec.members
-    lines.append(f"{len(members)} group(s); {sum(sizes.values())} permutable units")
-    for g, ms in members.items():
-        extra = []
-        if spec.block(g) > 1:
-            extra.append(f"blocks of {spec.block(g)}")
-        if g in spec.heads:
-            extra.append(f"head class {spec.heads[g]}")
-        lines.append(f"\ngroup {g}: {sizes[g]} units" + (f" ({', '.join(extra)})" if extra else ""))
-        for k, ax, off in ms:
-            where = "" if off is None else f" [{off}:{off + sizes[g]}]"
-            lines.append(f"  {k}  axis {ax}{where}  shape {list(spec.shapes[k])}")
-    fixed = [k for k, es in spec.axes.items() if all(e is None for e in es)]
-    lines.append(f"\nfixed (no group acts on any axis): {len(fixed)} key(s)")
-    for k in fixed:
-        default = "a 0-d counter" if not spec.shapes[k] else "reads the input or writes the output, or held fixed"
-        why = (fixed_reasons or {}).get(k, default)
-        lines.append(f"  {k}  shape {list(spec.shapes[k])}  ({why})")
-    return "\n".join(lines) + "\n"
+def spec_coverage_text(spec, source: str, held: Sequence[tuple[str, str]] = ()) -> str:
+    """The coverage report of ``spec`` (``reference.trace.spec_coverage``) under a header saying where the
+    spec came from (``source``)."""
+    from reference.trace import spec_coverage
+
+    return f"# permutation spec coverage ({source})\n\n{spec_coverage(spec, held)}\n"
 
 
 def _spec(model: nn.Module, x: Tensor, strict: bool) -> tuple[Any, str, str]:
@@ -569,22 +551,14 @@ def _spec(model: nn.Module, x: Tensor, strict: bool) -> tuple[Any, str, str]:
         src = f"hand-written: reference.specs.spec_for({type(model).__name__})"
         return spec, src, spec_coverage_text(spec, src)
     try:
-        if hasattr(trace, "trace_report"):
-            rep = trace.trace_report(model, x, strict=strict)
-            src = f"traced: reference.trace.trace_report(strict={strict})"
-            return rep.spec, src, f"# permutation spec coverage ({src})\n\n{rep.text().rstrip()}\n"
-        kw = {"strict": strict} if "strict" in inspect.signature(trace.trace_spec).parameters else {}
-        spec = trace.trace_spec(model, x, **kw)
+        rep = trace.trace_report(model, x, strict=strict)
     except (ValueError, TypeError) as e:
         hint = "" if not strict else "; --no-strict holds operations the tracer does not know fixed"
         raise AlignInputError(
             f"cannot derive the permutation spec of {type(model).__name__}: {_one_line(e)}{hint}"
         ) from e
-    src = f"traced: reference.trace.trace_spec({'strict=' + str(strict) if kw else ''})"
-    text = spec_coverage_text(spec, src)
-    if not kw and not strict:
-        text += "\nnote: this trace_spec has no strict=False; every operation it met is supported\n"
-    return spec, src, text
+    src = f"traced: reference.trace.trace_report(strict={strict})"
+    return rep.spec, src, spec_coverage_text(rep.spec, src, rep.held)
 
 
 # ---------------------------------------------------------------------------------------------

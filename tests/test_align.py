@@ -180,7 +180,7 @@ def test_zoo_mlp_end_to_end(capsys, tmp_path, mlp_pair, digits, method):
     aligned0 = next(r for r in rows if r["path"] == "aligned" and float(r["t"]) == 0.0)
     assert naive0["train_loss"] == aligned0["train_loss"]
     assert (out / "path.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "group P_0: 16 units" in (out / "coverage.txt").read_text()
+    assert "P_0: 16 units" in (out / "coverage.txt").read_text()
 
     prov = json.loads((out / "provenance.json").read_text())
     assert prov["inputs"]["a"]["sha256"] == before["A.pt"] and prov["inputs"]["a"]["format"] == "modeconn"
