@@ -199,6 +199,10 @@ def dense_chain(spec: PermutationSpec) -> DenseChain:
     if not isinstance(spec, PermutationSpec):
         raise ArgumentTypeError(f"spec must be a PermutationSpec, got {type(spec).__name__}")
     axes, shapes = spec.axes, spec.shapes
+    segmented = [k for k, gs in axes.items() if any(isinstance(g, tuple) for g in gs)]
+    if segmented or spec.heads:
+        what = f"concatenated (segmented) axes in {segmented[:3]}" if segmented else "attention head classes"
+        raise ValueError(f"the spec has {what}; {_UNSUPPORTED}, whose every axis one group permutes")
     writers: dict[str, list[str]] = {}
     readers: dict[str, list[str]] = {}
     for k, gs in axes.items():

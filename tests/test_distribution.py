@@ -323,3 +323,22 @@ def test_errors_name_the_problem():
         RD.connection_path("Linear", a, b).grid(1)
     with pytest.raises(ValueError, match="segment 1 out of range"):
         RD.connection_path("Linear", a, b).moved_keys(1)
+
+
+def test_dense_chain_refuses_concatenations_and_attention_heads() -> None:
+    """A segmented (concatenated) axis or a head class is no dense chain: a clear refusal, never a
+    connector built on the wrong units."""
+    from reference.permutation import PermutationSpec
+
+    shapes = {"a.weight": (4, 3), "h.weight": (2, 6)}
+    segs = PermutationSpec({"a.weight": ("A", None), "h.weight": (None, (("A", 4), (None, 2)))}, shapes)
+    with pytest.raises(ValueError, match="concatenated"):
+        RD.dense_chain(segs)
+    heads = PermutationSpec(
+        {"a.weight": ("A", None), "b.weight": ("B", None), "h.weight": (None, "A")},
+        {"a.weight": (4, 3), "b.weight": (4, 3), "h.weight": (2, 4)},
+        {"A": 2, "B": 2},
+        {"A": "H", "B": "H"},
+    )
+    with pytest.raises(ValueError, match="head classes"):
+        RD.dense_chain(heads)
