@@ -1141,24 +1141,28 @@ def multihead_attention(tracer: SpecInterpreter, n: fx.Node, result: Any) -> lis
     out = tracer.open_space(f"{name}.out_proj")
     tracer.attach_module(f"{name}.out_proj", m.out_proj, {"weight": [out, vo], "bias": [out]})
     # batch and token axes: key and value tokens merge (the weights sum over them); query tokens pass
-    if m.batch_first:
-        bq, lq, bk, sk, bv, sv = q[0], q[1], k[0], k[1], v[0], v[1]
-    else:
-        lq, bq, sk, bk, sv, bv = q[0], q[1], k[0], k[1], v[0], v[1]
-    sp.union(bq, bk)
-    sp.union(bq, bv)
+    if len(q) == 2:  # unbatched: (L, E)
+        lq, sk, sv = q[0], k[0], v[0]
+        batch: list[int] = []
+    elif m.batch_first:  # (N, L, E)
+        lq, sk, sv = q[1], k[1], v[1]
+        batch = [q[0]]
+        sp.union(q[0], k[0])
+        sp.union(q[0], v[0])
+    else:  # (L, N, E)
+        lq, sk, sv = q[0], k[0], v[0]
+        batch = [q[1]]
+        sp.union(q[1], k[1])
+        sp.union(q[1], v[1])
     sp.union(sk, sv)
-    y = [bq, lq, out] if m.batch_first else [lq, bq, out]
-    if len(q) == 2:  # unbatched
-        sp.union(q[0], q[0])
-        y = [q[0], out]
+    y = [*batch, lq, out] if m.batch_first or not batch else [lq, *batch, out]
     w = result[1]
     if w is None:
         return [y, None]
-    if w.ndim == len(q):  # averaged over heads: (N, L, S)
-        return [y, [bq, lq, sk] if len(q) == 3 else [lq, sk]]
+    if w.ndim == len(q):  # averaged over heads: ([N,] L, S)
+        return [y, [*batch, lq, sk]]
     head, _ = sp.split(qk, h, d)
-    return [y, [bq, head, lq, sk] if len(q) == 3 else [head, lq, sk]]
+    return [y, [*batch, head, lq, sk]]
 
 
 def functional_linear(tracer: SpecInterpreter, n: fx.Node, result: Any) -> list[int] | None:

@@ -653,3 +653,30 @@ def test_mlp_spec_property(widths: list[int], bias: bool, seed: int) -> None:
     torch.testing.assert_close(
         _forward(model, permuted, x, False), _forward(model, params, x, False), atol=ATOL, rtol=RTOL
     )
+
+
+@pytest.mark.parametrize(("batch_first", "shape"), [(True, (4, 5, 3)), (False, (5, 4, 3)), (True, (5, 3))])
+def test_trace_spec_multihead_attention_layouts(batch_first: bool, shape: tuple[int, ...]) -> None:
+    """``nn.MultiheadAttention`` batched (both layouts) and unbatched, with per-head weights returned: the
+    traced spec couples Q/K with V/O by heads and keeps the function."""
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Linear(3, 8)
+            self.att = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+            self.head = nn.Linear(8, 2)
+
+        def forward(self, x: Tensor) -> Tensor:
+            h = self.emb(x)
+            y, w = self.att(h, h, h, average_attn_weights=False)
+            return self.head(h + y).sum(-2) + w.sum()
+
+    torch.manual_seed(0)
+    model = Net().double()
+    x = torch.randn(*shape, dtype=torch.float64)
+    spec = trace_spec(model, x)
+    assert spec.blocks == {"P_att.qk": 4, "P_att.vo": 4} and len(spec.head_classes) == 1
+    for seed in range(3):
+        moved = Permutation.random(spec, seed).apply(spec, model.state_dict())
+        torch.testing.assert_close(functional_call(model, moved, (x,)), model(x), rtol=1e-12, atol=1e-12)
