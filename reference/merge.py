@@ -99,7 +99,7 @@ __all__ = [
 ]
 
 MERGE_INITS = ("canonical", "identity")
-UNIVERSE_METHODS = ("sync", "mergemany")
+UNIVERSE_METHODS = ("sync", "sync-ascent", "mergemany", "c2m3", "star")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +305,8 @@ class UniverseResult:
     cycle-consistent by construction. ``pairwise``: the weight-matching inputs ``P_ij`` (i < j) of
     ``method="sync"``; ``agreement``: the fraction of units (over all pairs i < j and groups) where
     ``Uᵢ⁻¹ ∘ Uⱼ`` equals the input ``P_ij`` (1.0 when the inputs were already consistent).
-    ``merge``: MergeMany's result for ``method="mergemany"``.
+    ``merge``: MergeMany's result for ``method="mergemany"``; ``c2m3``: the ``C2M3Result`` for
+    ``method="c2m3"``; ``ascent``: the agreement count per sweep for ``method="sync-ascent"``.
     """
 
     to_universe: list[Permutation]
@@ -313,6 +314,8 @@ class UniverseResult:
     pairwise: dict[tuple[int, int], Permutation] = field(default_factory=dict, repr=False)
     agreement: float = float("nan")
     merge: MergeResult | None = field(default=None, repr=False)
+    c2m3: object | None = field(default=None, repr=False)  # reference.universe.C2M3Result
+    ascent: tuple[int, ...] = ()
 
     def pairwise_map(self, i: int, j: int) -> Permutation:
         return pairwise_from_universe(self, i, j)
@@ -420,32 +423,59 @@ def universe_alignment(
     seed: int = 0,
     restarts: int = 1,
     refine_iters: int = 20,
-    **merge_kwargs,
+    **kwargs,
 ) -> UniverseResult:
     """Cycle-consistent joint alignment of N models into one universe (module docstring).
 
     ``method="sync"``: weight matching for every pair i < j (``seed``, ``restarts`` as in
-    ``weight_matching``), then ``permutation_sync``; ``U_0`` is the identity. ``method=
-    "mergemany"``: ``Uᵢ = merge_many(spec, params_list, seed=seed, **merge_kwargs).perms[i]``.
+    ``weight_matching``), then ``permutation_sync``; ``U_0`` is the identity. ``"sync-ascent"``: the
+    same pairwise maps, then ``reference.universe.sync_ascent`` started from the spectral solution
+    (``kwargs``: ``max_sweeps``). ``"mergemany"``: ``Uᵢ = merge_many(spec, params_list, seed=seed,
+    **kwargs).perms[i]``. ``"c2m3"``: ``reference.universe.frank_wolfe_universe(spec, params_list,
+    **kwargs)`` (``init``: ``"identity"``, ``"mergemany"`` or ``"star"``, or a list of permutations;
+    ``max_iter``, ``tol``); its result is ``UniverseResult.c2m3``. ``"star"``: ``U_0`` = identity,
+    ``Uᵢ = weight_matching(θ_0, θᵢ)`` (consistent by construction, every pair routed through model 0).
+    An option a method does not take is refused with ``ValueError``.
     """
+    from .universe import frank_wolfe_universe, sync_ascent
+
     pts = check_models(spec, params_list, 2)
     if method not in UNIVERSE_METHODS:
         raise ValueError(f"unknown method {method!r}; use one of {UNIVERSE_METHODS}")
-    if method == "mergemany":
-        if restarts != 1:
-            raise ValueError("restarts applies to method='sync' only")
-        r = merge_many(spec, pts, seed=seed, **merge_kwargs)
-        return UniverseResult(list(r.perms), method, merge=r)
-    if merge_kwargs:
-        raise ValueError(f"method='sync' takes no MergeMany options, got {sorted(merge_kwargs)}")
     N = len(pts)
+    if method in ("mergemany", "c2m3") and restarts != 1:
+        raise ValueError(f"restarts applies to the pairwise methods (sync, sync-ascent, star), not {method!r}")
+    if method != "sync" and method != "sync-ascent" and refine_iters != 20:
+        raise ValueError(f"refine_iters applies to method='sync' and 'sync-ascent' only, not {method!r}")
+    allowed = {"sync": set(), "sync-ascent": {"max_sweeps"}, "star": set(), "c2m3": {"init", "max_iter", "tol"},
+               "mergemany": {"max_iter", "tol", "init", "anchor", "max_passes"}}[method]
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise ValueError(f"method={method!r} does not take the options {unknown}; it takes {sorted(allowed)}")
+    if method == "mergemany":
+        r = merge_many(spec, pts, seed=seed, **kwargs)
+        return UniverseResult(list(r.perms), method, merge=r)
+    if method == "star":
+        us = [Permutation.identity(spec)] + [
+            weight_matching(spec, pts[0], pts[i], seed=seed, restarts=restarts).perm for i in range(1, N)
+        ]
+        return UniverseResult(us, method)
+    if method == "c2m3":
+        init = kwargs.pop("init", "identity")
+        if isinstance(init, str) and init in ("mergemany", "star"):
+            init = universe_alignment(spec, pts, method=init, seed=seed).to_universe
+        r = frank_wolfe_universe(spec, pts, init=init, **kwargs)
+        return UniverseResult(list(r.to_universe), method, c2m3=r)
     pairwise = {
         (i, j): weight_matching(spec, pts[i], pts[j], seed=seed, restarts=restarts).perm
         for i in range(N)
         for j in range(i + 1, N)
     }
     us = permutation_sync(pairwise, N, spec, refine_iters=refine_iters)
-    return UniverseResult(us, method, pairwise, _agreement(us, pairwise))
+    history: tuple[int, ...] = ()
+    if method == "sync-ascent":
+        us, history = sync_ascent(pairwise, N, spec, init=us, seed=seed, **kwargs)
+    return UniverseResult(us, method, pairwise, _agreement(us, pairwise), ascent=history)
 
 
 # ---------------------------------------------------------------------------------------------

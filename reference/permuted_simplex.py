@@ -9,7 +9,7 @@ simplex (λ on the probability simplex Δⁿ⁻¹, P₁ = id) has low loss. Its 
 - **Property 2**: Git Re-Basin's pairwise alignments P₂ = WM(θ₁, θ₂), P₃ = WM(θ₁, θ₃) give low-loss
   edges θ₁–P₂(θ₂) and θ₁–P₃(θ₃), but nothing about the edge P₂(θ₂)–P₃(θ₃), let alone the interior.
 
-This module measures a simplex and builds one four ways behind one interface (``align_simplex``):
+This module measures a simplex and builds one several ways behind one interface (``align_simplex``):
 
 **Algorithms** (``align_simplex(method=...)``; every one returns a ``PermutedSimplex`` with P₁ = id):
 
@@ -20,6 +20,10 @@ This module measures a simplex and builds one four ways behind one interface (``
   labelling by Uᵢ; re-expressed in θ₁'s labels, Pᵢ = U₁⁻¹ ∘ Uᵢ (a common relabelling: Property 1);
 - ``"universe"``: weight matching of every pair, then permutation synchronisation (Pachauri et al.
   2013) to one cycle-consistent universe, Pᵢ = U₁⁻¹ ∘ Uᵢ;
+- ``"sync-ascent"``: the same pairwise maps synchronised by coordinate ascent of their agreement
+  (``reference.universe.sync_ascent``, started from the spectral solution), Pᵢ = U₁⁻¹ ∘ Uᵢ;
+- ``"c2m3"``: C2M3's Frank–Wolfe over all pairs' weight-matching objective in one universe
+  (Crisostomi et al. 2024; ``reference.universe.frank_wolfe_universe``), Pᵢ = U₁⁻¹ ∘ Uᵢ;
 - ``"interior"``: **direct optimisation of the interior loss** (``interior_alignment``):
   the expected loss E_{λ∼Dir(α)} L(Σᵢ λᵢ Pᵢ(θᵢ)) minimised over P₂ … Pₙ by a straight-through
   estimator — Git Re-Basin's Algorithm 2 generalised from the midpoint of two models to the whole
@@ -91,7 +95,7 @@ __all__ = [
     "simplex_barrier",
 ]
 
-ALIGN_METHODS = ("identity", "star", "mergemany", "universe", "interior")
+ALIGN_METHODS = ("identity", "star", "mergemany", "universe", "sync-ascent", "c2m3", "interior")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,10 +235,17 @@ def align_simplex(
         r = merge_many(spec, ms, seed=seed)
         perms = _anchor(r.perms)
         info = {"sweeps": r.sweeps, "converged": r.converged}
-    elif method == "universe":
-        u = universe_alignment(spec, ms, method="sync", seed=seed, restarts=restarts)
+    elif method in ("universe", "sync-ascent"):
+        um = "sync" if method == "universe" else method
+        u = universe_alignment(spec, ms, method=um, seed=seed, restarts=restarts)
         perms = _anchor(u.to_universe)
         info = {"agreement": u.agreement}
+    elif method == "c2m3":
+        u = universe_alignment(spec, ms, method="c2m3", seed=seed)
+        perms = _anchor(u.to_universe)
+        r = u.c2m3
+        info = {"objective": r.objective, "iterations": r.iterations, "best_iter": r.best_iter,
+                "history": list(r.history), "seconds": r.seconds}
     else:
         if model is None or x is None or y is None:
             raise ValueError("method 'interior' needs model, x and y (the loss it minimises is measured on them)")

@@ -387,8 +387,10 @@ def test_bad_inputs_raise_value_error():
         merge_many(spec, a)
     with pytest.raises(ValueError, match="unknown method"):
         universe_alignment(spec, [a, b], method="spectral")
-    with pytest.raises(ValueError, match="MergeMany options"):
+    with pytest.raises(ValueError, match="does not take the options"):
         universe_alignment(spec, [a, b], method="sync", init="identity")
+    with pytest.raises(ValueError, match="restarts applies"):
+        universe_alignment(spec, [a, b], method="c2m3", restarts=2)
     with pytest.raises(ValueError, match="model index"):
         pairwise_from_universe([Permutation.identity(spec)] * 2, 0, 2)
     with pytest.raises(ValueError, match="missing for model pairs"):

@@ -684,3 +684,60 @@ def test_mutation_tests_use_public_seams_only():
     public API only (no ``_hypothesis_internal`` attributes)."""
     source = Path(__file__).read_text(encoding="utf-8")
     assert private_uses(source, _PENDING_REWRITE) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# mutants of reference/universe.py: maps composed the wrong way round
+# ---------------------------------------------------------------------------------------------
+def pairwise_the_wrong_way_round(U, i, j):
+    """``P_ij = Uⱼ ∘ Uᵢ⁻¹`` instead of ``Uᵢ⁻¹ ∘ Uⱼ`` (θⱼ into θᵢ's labels)."""
+    us = U.to_universe if hasattr(U, "to_universe") else list(U)
+    return us[j].compose(us[i].inverse())
+
+
+def to_anchor_the_wrong_way_round(us, anchor=0):
+    """``Uᵢ ∘ Uₐ⁻¹`` instead of ``Uₐ⁻¹ ∘ Uᵢ``: the a-th map is still the identity, but the universe is
+    conjugated, so the pairwise maps (and J) change."""
+    g = us[anchor].inverse()
+    return [u.compose(g) for u in us]
+
+
+def test_mutant_pairwise_map_composed_the_wrong_way_round(monkeypatch):
+    """The public ``reference.merge.pairwise_from_universe`` builds ``Uⱼ ∘ Uᵢ⁻¹``: caught by the all-pairs
+    identity J(U) = Σ_{i<j} WM_obj(θᵢ, θⱼ; P_ij) and by cycle consistency of the joint methods."""
+    import reference.merge
+    from invariants import props_universe
+
+    monkeypatch.setattr(reference.merge, "pairwise_from_universe", pairwise_the_wrong_way_round)
+    assert_caught(monkeypatch, props_universe.test_all_pairs_objective_is_the_sum_of_pairwise_objectives,
+                  max_examples=30)
+    assert_caught(monkeypatch, props_universe.test_joint_universe_is_cycle_consistent, max_examples=30)
+
+
+def test_mutant_to_anchor_composed_the_wrong_way_round(monkeypatch):
+    """The public ``reference.universe.to_anchor`` (which ``frank_wolfe_universe`` and ``sync_ascent`` call
+    to express their result in model 0's labels) composes on the wrong side: caught by the relabelling
+    property (P_ij unchanged) and by Frank–Wolfe's ``objective = J(to_universe)``."""
+    import reference.universe
+    from invariants import props_universe
+
+    monkeypatch.setattr(reference.universe, "to_anchor", to_anchor_the_wrong_way_round)
+    assert_caught(monkeypatch, props_universe.test_to_anchor_changes_no_pairwise_map, max_examples=30)
+    assert_caught(monkeypatch, props_universe.test_frank_wolfe_never_decreases_the_relaxed_objective,
+                  max_examples=30)
+
+
+_UNIVERSE_PROPERTIES = [
+    "test_all_pairs_objective_is_the_sum_of_pairwise_objectives",
+    "test_joint_universe_is_cycle_consistent",
+    "test_to_anchor_changes_no_pairwise_map",
+    "test_frank_wolfe_never_decreases_the_relaxed_objective",
+]
+
+
+@pytest.mark.parametrize("name", _UNIVERSE_PROPERTIES)
+def test_universe_properties_pass_unmutated(monkeypatch, name):
+    """Control of the two mutants above: the same properties, same settings (30 examples), no mutant."""
+    from invariants import props_universe
+
+    run_property(monkeypatch, getattr(props_universe, name), max_examples=30)

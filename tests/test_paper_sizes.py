@@ -27,6 +27,8 @@ TINY: dict[str, list[str]] = {
                             "train.epochs=1", "resnet_train.epochs=1", "resnet_train.batch_size=16"],
     "benton2021-simplexes": ["train.epochs=1", "vertex_train.epochs=1", "modes=2", "free_vertices=[1]", "espro_free=1",
                              "samples=4", "members_per_simplex=2", "vgg_stages=[[8],[8]]"],
+    "c2m3-merging": ["train.epochs=1", "widths=[8,8,8]", "ns=[2,3]", "replicates=1", "grid=3", "max_triples=1",
+                     "max_pairs=1", "fw_iters=2", "repair_examples=50"],
     "cycle-consistency": ["train.epochs=1", "widths=[8,8,8]", "ns=[3]", "grid=3", "max_triples=1", "max_pairs=1"],
     "rebasin-mlp-sweeps": ["features=[8]", "weight_decays=[0,0.1]", "n_models=[2]", "epochs=1", "grid=3"],
     "permuted-simplex": ["train.epochs=1", "curve_train.epochs=1", "widths=[8]", "main_width=8", "depth=1",

@@ -50,6 +50,7 @@ MODULES = (
     "repro.targets.anokhin2020",
     "repro.targets.rashomon_hessian",
     "repro.targets.transformer_rebasin",
+    "repro.targets.c2m3_merging",
 )
 
 
