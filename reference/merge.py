@@ -447,7 +447,7 @@ def universe_alignment(
         raise ValueError(f"restarts applies to the pairwise methods (sync, sync-ascent, star), not {method!r}")
     if method != "sync" and method != "sync-ascent" and refine_iters != 20:
         raise ValueError(f"refine_iters applies to method='sync' and 'sync-ascent' only, not {method!r}")
-    allowed = {"sync": set(), "sync-ascent": {"max_sweeps"}, "star": set(), "c2m3": {"init", "max_iter", "tol"},
+    allowed = {"sync": set(), "sync-ascent": {"max_sweeps"}, "star": set(), "c2m3": {"init", "max_iter", "tol", "fix"},
                "mergemany": {"max_iter", "tol", "init", "anchor", "max_passes"}}[method]
     unknown = sorted(set(kwargs) - allowed)
     if unknown:

@@ -717,14 +717,13 @@ def test_mutant_pairwise_map_composed_the_wrong_way_round(monkeypatch):
 def test_mutant_to_anchor_composed_the_wrong_way_round(monkeypatch):
     """The public ``reference.universe.to_anchor`` (which ``frank_wolfe_universe`` and ``sync_ascent`` call
     to express their result in model 0's labels) composes on the wrong side: caught by the relabelling
-    property (P_ij unchanged) and by Frank–Wolfe's ``objective = J(to_universe)``."""
+    property (P_ij unchanged). (Frank–Wolfe holds model 0's map at the identity by default, so there the
+    wrong side composes with the identity and changes nothing.)"""
     import reference.universe
     from invariants import props_universe
 
     monkeypatch.setattr(reference.universe, "to_anchor", to_anchor_the_wrong_way_round)
     assert_caught(monkeypatch, props_universe.test_to_anchor_changes_no_pairwise_map, max_examples=30)
-    assert_caught(monkeypatch, props_universe.test_frank_wolfe_never_decreases_the_relaxed_objective,
-                  max_examples=30)
 
 
 _UNIVERSE_PROPERTIES = [
