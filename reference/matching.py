@@ -349,19 +349,29 @@ def _similarity(
 ) -> Tensor:
     """``S_g[i, j] = Σ_{(k, ax, off) ∋ g} ⟨θ_a[k]_{ax=off+i}, P_{−g}(θ_b)[k]_{ax=off+j}⟩`` (float64, CPU);
     ``off`` is 0 where g spans the axis, its segment's start on a concatenated axis."""
-    S = torch.zeros(n, n, dtype=torch.float64)
+    return _cross(a, lambda k, ax: permute_except(spec, perm, k, b[k].double(), ax), members, n, keyset).cpu()
+
+
+def _cross(
+    a: Mapping[str, Tensor],
+    other: Callable[[str, int], Tensor],
+    members: Sequence[tuple[str, int, int | None]],
+    n: int,
+    keyset: set[str],
+) -> Tensor:
+    """``S[i, j] = Σ_{(k, ax, off)} ⟨θ_a[k]_{ax=off+i}, other(k, ax)_{ax=off+j}⟩`` in float64 on θ_a's
+    device; ``other(k, ax)``: θ_b[k] with every group but axis ``ax``'s applied (hard or soft)."""
+    S = None
     for k, ax, off in members:
         if k not in keyset:
             continue
         wa = a[k].double()
-        wb = permute_except(spec, perm, k, b[k].double(), ax)
+        wb = other(k, ax)
         if off is not None:
             wa, wb = wa.narrow(ax, off, n), wb.narrow(ax, off, n)
-        wa = wa.movedim(ax, 0).reshape(n, -1)
-        wb = wb.movedim(ax, 0).reshape(n, -1)
-        S += (wa @ wb.T).cpu()
-    return S
-
+        term = wa.movedim(ax, 0).reshape(n, -1) @ wb.movedim(ax, 0).reshape(n, -1).T
+        S = term if S is None else S + term
+    return S if S is not None else torch.zeros(n, n, dtype=torch.float64)
 
 def _weight_matching_once(
     spec: PermutationSpec,
@@ -684,15 +694,8 @@ def sinkhorn_matching(
             for gi in rng.permutation(len(names)):
                 g = names[gi]
                 n = sizes[g]
-                S = torch.zeros(n, n, dtype=torch.float64, device=dev)
-                for k, ax, off in members[g]:
-                    if k not in keyset:
-                        continue
-                    wa = params_a[k].double()
-                    wb = _soft_apply_except(spec, mats, k, params_b[k].double(), ax)
-                    if off is not None:
-                        wa, wb = wa.narrow(ax, off, n), wb.narrow(ax, off, n)
-                    S += wa.movedim(ax, 0).reshape(n, -1) @ wb.movedim(ax, 0).reshape(n, -1).T
+                S = _cross(params_a, lambda k, ax: _soft_apply_except(spec, mats, k, params_b[k].double(), ax),
+                           members[g], n, keyset).to(dev)
                 sigma = float(S.std(correction=0)) if n > 1 else 0.0
                 scale = sigma if sigma > 0 and math.isfinite(sigma) else 1.0
                 eps = t * scale

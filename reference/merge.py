@@ -114,15 +114,18 @@ def _check_int(name: str, v: object, lo: int) -> int:
 
 def check_models(spec: PermutationSpec, params_list: Sequence[Mapping[str, Tensor]], least: int) -> list:
     """The models as a list, after checking: a sequence of at least ``least`` dicts, each fitting ``spec``,
-    finite, and all of one architecture (``TypeError`` / ``ValueError`` naming the model otherwise)."""
+    finite, and all of one architecture (``ValueError`` naming the model otherwise; a wrong type raises
+    ``reference.validate.ArgumentTypeError``, both a ``TypeError`` and a ``ValueError``)."""
     if isinstance(params_list, Mapping) or not isinstance(params_list, Sequence):
-        raise TypeError(f"params_list must be a sequence of parameter dicts, got {type(params_list).__name__}")
+        raise validate.ArgumentTypeError(
+            f"params_list must be a sequence of parameter dicts, got {type(params_list).__name__}"
+        )
     pts = list(params_list)
     if len(pts) < least:
         raise ValueError(f"need at least {least} models, got {len(pts)}")
     for i, p in enumerate(pts):
         if not isinstance(p, Mapping):
-            raise TypeError(f"model {i}: expected a dict of tensors, got {type(p).__name__}")
+            raise validate.ArgumentTypeError(f"model {i}: expected a dict of tensors, got {type(p).__name__}")
         try:
             spec.check_params(p)
         except ValueError as e:

@@ -134,15 +134,11 @@ def _vit_spec(model: ViT) -> PermutationSpec:
     """ViT: one stream group, per block a Q/K, a V/O (head-coupled) and an MLP group."""
     cfg = model.config
     S = "P_stream"
-    d = cfg["dim"] // cfg["heads"]
     axes: Axes = _linear("patch_embed", S, None)
     axes |= {"cls_token": (None, None, S), "pos_embed": (None, None, S)}
     blocks: dict[str, int] = {}
     heads: dict[str, str] = {}
-    for i in range(cfg["depth"]):
-        p = f"blocks.{i}"
-        qk, vo = _attention_groups(i, cfg["heads"], d, blocks, heads)
-        mlp = f"P_block{i}.mlp"
+    for p, qk, vo, mlp in _transformer_blocks(cfg, blocks, heads):
         axes |= _norm(f"{p}.norm1", "layer", S)
         axes |= _linear(f"{p}.attn.q", qk, S) | _linear(f"{p}.attn.k", qk, S)
         axes |= _linear(f"{p}.attn.v", vo, S) | _linear(f"{p}.attn.out", S, vo)
@@ -158,14 +154,10 @@ def _causal_transformer_spec(model: CausalTransformer) -> PermutationSpec:
     """GPT: embeddings and ``lm_head`` on the stream; fused ``c_attn`` rows ``[q; k; v]`` as segments."""
     cfg = model.config
     S, D, norm = "P_stream", cfg["dim"], cfg["norm"]
-    d = D // cfg["heads"]
     axes: Axes = {"wte.weight": (None, S), "wpe.weight": (None, S)}
     blocks: dict[str, int] = {}
     heads: dict[str, str] = {}
-    for i in range(cfg["depth"]):
-        p = f"blocks.{i}"
-        qk, vo = _attention_groups(i, cfg["heads"], d, blocks, heads)
-        mlp = f"P_block{i}.mlp"
+    for p, qk, vo, mlp in _transformer_blocks(cfg, blocks, heads):
         qkv = ((qk, D), (qk, D), (vo, D))
         axes |= _norm(f"{p}.ln1", norm, S)
         axes |= _linear(f"{p}.attn.c_attn", qkv, S) | _linear(f"{p}.attn.c_proj", S, vo)
@@ -175,6 +167,14 @@ def _causal_transformer_spec(model: CausalTransformer) -> PermutationSpec:
     if not cfg["tie_weights"]:
         axes |= _linear("lm_head", None, S, bias=False)
     return _spec(model, axes, blocks, heads)
+
+
+def _transformer_blocks(cfg: dict, blocks: dict[str, int], heads: dict[str, str]):
+    """Per block: ``(prefix, qk, vo, mlp)``, the block's attention groups registered in ``blocks`` / ``heads``."""
+    d = cfg["dim"] // cfg["heads"]
+    for i in range(cfg["depth"]):
+        qk, vo = _attention_groups(i, cfg["heads"], d, blocks, heads)
+        yield f"blocks.{i}", qk, vo, f"P_block{i}.mlp"
 
 
 # ============================================================================================

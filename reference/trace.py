@@ -852,20 +852,8 @@ def residual_add(tracer: SpecInterpreter, n: fx.Node, result: Any) -> list[int]:
         if not tracer.tensor_inputs(n):
             return []  # arithmetic on sizes
         raise tracer.unsupported(n, "addition that does not produce a tensor")
-    out = [FIXED] * result.ndim
-    first = [True] * result.ndim
-    for a in tracer.tensor_inputs(n):
-        axes, shape = tracer.axes[a], tracer.shapes[a]
-        for j in range(1, len(axes) + 1):  # align from the right (broadcasting)
-            if shape[-j] == 1 and result.shape[-j] != 1:
-                if tracer.spaces.permuted(axes[-j]):
-                    tracer.spaces.fix(axes[-j])  # a size-1 space has only the identity anyway
-                continue
-            if first[-j]:
-                out[-j], first[-j] = axes[-j], False
-            else:
-                tracer.spaces.union(out[-j], axes[-j])
-    return out
+    parts = [(tracer.axes[a], tracer.shapes[a]) for a in tracer.tensor_inputs(n)]
+    return _broadcast(tracer, tuple(result.shape), parts)
 
 
 def scale(tracer: SpecInterpreter, n: fx.Node, result: Any) -> list[int] | None:
@@ -880,7 +868,8 @@ def scale(tracer: SpecInterpreter, n: fx.Node, result: Any) -> list[int] | None:
 def _broadcast(
     tracer: SpecInterpreter, ndim_shape: tuple[int, ...], parts: Sequence[tuple[list[int], tuple[int, ...]]]
 ) -> list[int]:
-    """Merge the axes of broadcast operands (aligned from the right); size-1 broadcast axes are fixed."""
+    """Merge the axes of broadcast operands (aligned from the right); size-1 broadcast axes are fixed (a
+    size-1 space has only the identity anyway; fixing a space that is not permuted changes nothing)."""
     out = [FIXED] * len(ndim_shape)
     first = [True] * len(ndim_shape)
     for axes, shape in parts:

@@ -75,7 +75,8 @@ import torch
 from torch import Tensor
 
 from .matching import _soft_apply_except, matching_units, solve_coupled
-from .params import Params, check_compatible, check_finite, combine, float_keys
+from .merge import check_models, permutation_sync
+from .params import Params, combine, float_keys
 from .permutation import Permutation, PermutationSpec
 from .validate import ArgumentTypeError, integer, number
 
@@ -90,24 +91,6 @@ __all__ = [
     "sync_ascent",
     "to_anchor",
 ]
-
-
-def _models(spec: PermutationSpec, params_list: Sequence[Mapping[str, Tensor]], least: int) -> list:
-    if isinstance(params_list, Mapping) or not isinstance(params_list, Sequence):
-        raise ArgumentTypeError(f"params_list must be a sequence of parameter dicts, got {type(params_list).__name__}")
-    pts = list(params_list)
-    if len(pts) < least:
-        raise ValueError(f"need at least {least} models, got {len(pts)}")
-    for i, p in enumerate(pts):
-        if not isinstance(p, Mapping):
-            raise ArgumentTypeError(f"model {i}: expected a dict of tensors, got {type(p).__name__}")
-        try:
-            spec.check_params(p)
-        except ValueError as e:
-            raise ValueError(f"model {i}: {e}") from None
-        check_finite(p, f"model {i}")
-    check_compatible(*pts)
-    return pts
 
 
 def _universe(spec: PermutationSpec, us: Sequence[Permutation], n: int, what: str = "to_universe") -> list[Permutation]:
@@ -148,7 +131,7 @@ def all_pairs_objective(
 ) -> float:
     """``J(U) = Σ_{i<j} ⟨Uᵢ(θᵢ), Uⱼ(θⱼ)⟩`` over the floating entries: the sum over all pairs of the
     weight-matching objective of ``P_ij = Uᵢ⁻¹ ∘ Uⱼ`` (module docstring)."""
-    pts = _models(spec, params_list, 2)
+    pts = check_models(spec, params_list, 2)
     us = _universe(spec, to_universe, len(pts))
     keys = float_keys(pts[0])
     aligned = [{k: v.double() for k, v in u.apply(spec, p).items() if k in keys} for u, p in zip(us, pts, strict=True)]
@@ -164,7 +147,7 @@ def relaxed_objective(
 ) -> float:
     """``J(X)`` of soft matrices ``soft[i][g]`` (``Xᵢᵍ``, applied along every axis of g); equal to
     ``all_pairs_objective`` when every ``Xᵢᵍ`` is the 0/1 matrix ``M(uᵢ)`` of a permutation."""
-    pts = _models(spec, params_list, 2)
+    pts = check_models(spec, params_list, 2)
     keys = float_keys(pts[0])
     ds = [{k: p[k].double() for k in keys} for p in pts]
     with torch.no_grad():
@@ -260,7 +243,7 @@ def frank_wolfe_universe(
     """
     from .matching import _check_separable
 
-    pts = _models(spec, params_list, 2)
+    pts = check_models(spec, params_list, 2)
     n = len(pts)
     max_iter = integer("max_iter", max_iter, 0)
     tol = number("tol", tol, minimum=0)
@@ -428,8 +411,6 @@ def sync_ascent(
     seed = integer("seed", seed, None)
     pairs = _pairs(pairwise, n, spec)
     if init is None:
-        from .merge import permutation_sync
-
         init = permutation_sync(pairwise, n, spec)
     us = [u.to_dict() for u in _universe(spec, init, n, "init")]
     us = [{g: v.cpu() for g, v in u.items()} for u in us]
@@ -482,7 +463,7 @@ def merged_in_universe(
     ``anchor``'s labels (``Uₐ⁻¹ ∘ Uᵢ``; ``None``: the universe's labels, the same function). Integer
     buffers come from model 0. Repair the mean with ``reference.merge.repair(model, aligned,
     [1/N] * N, x)`` (BatchNorm nets: a BN reset)."""
-    pts = _models(spec, params_list, 1)
+    pts = check_models(spec, params_list, 1)
     us = _universe(spec, to_universe, len(pts))
     if anchor is not None:
         us = to_anchor(us, anchor)
