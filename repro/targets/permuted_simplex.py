@@ -3,7 +3,8 @@
 
 ``permuted-simplex``: N independently trained MLPs per cell of (width × weight decay); for n = 2 … N
 the simplex of the first n models aligned by every method of ``reference.permuted_simplex``
-(identity, star, MergeMany, universe, interior optimisation from universe and from MergeMany), its
+(identity, star, MergeMany, universe, sync by ascent, C2M3, interior optimisation from universe and from
+MergeMany), its
 barrier (Eq. SB: exact grid + adversarial ascent for n ≤ 4, Dirichlet samples + adversarial ascent
 above), mean and centroid loss and worst edge. Then, on the main cell: the loss over a 2-simplex
 (ternary heatmaps), the "Property 2" table (edges to θ₁ vs the far edge), and the ensemble table
@@ -52,10 +53,12 @@ METHODS = (
     ("star", "star", None),
     ("mergemany", "mergemany", None),
     ("universe", "universe", None),
+    ("sync-ascent", "sync-ascent", None),
+    ("c2m3", "c2m3", None),
     ("interior", "interior", "universe"),
     ("interior-mm", "interior", "mergemany"),
 )
-TERNARY_METHODS = ("star", "universe", "mergemany", "interior")
+TERNARY_METHODS = ("star", "universe", "mergemany", "c2m3", "interior")
 
 
 @dataclass(frozen=True)
@@ -513,6 +516,15 @@ def _verdicts(rep: Report, rows: list[dict], p2rows: list[dict], ens: dict, cfg:
                 f"width {cfg.main_width}, wd {cfg.main_wd}: "
                 + "; ".join(f"n={n}: star {st[n]:.3f}, MergeMany {mm[n]:.3f}, universe {un[n]:.3f}" for n in ns3),
                 all(joint[n] < st[n] for n in ns3))
+    c_le, c_total, c_detail = 0, 0, []
+    for width, wd in itertools.product(cfg.widths, cfg.weight_decays):
+        c, m, i = sel("c2m3", width, wd), sel("mergemany", width, wd), sel("interior-mm", width, wd)
+        c_le += sum(c[n] <= m[n] for n in ns3)
+        c_total += len(ns3)
+        c_detail.append(f"w{width}/wd{wd}: " + ", ".join(f"{c[n]:.3f}/{m[n]:.3f}/{i[n]:.3f}" for n in ns3))
+    rep.verdict("c2m3-vs-mergemany",
+                f"C2M3 ≤ MergeMany in {c_le}/{c_total} cells×n; C2M3/MergeMany/interior-from-MergeMany, n = "
+                f"{ns3[0]} … {ns3[-1]}: " + " | ".join(c_detail), c_le == c_total)
     better, total, detail = 0, 0, []
     for width, wd in itertools.product(cfg.widths, cfg.weight_decays):
         a, b = sel("universe", width, wd), sel("interior", width, wd)
@@ -594,5 +606,5 @@ def _ternary_figure(tern: dict):
 
 TARGET = declare("permuted-simplex", __file__, config=PermutedSimplexConfig, sizes=SIZES, jobs=jobs, report=report,
                  datasets=("digits", "mnist1d", "mnist", "cifar10"),
-                 claim_ids=("property-2", "joint-beats-star", "interior-improves", "barrier-grows-with-n", "glue-exact",
-                            "complex-ensemble"))
+                 claim_ids=("property-2", "joint-beats-star", "c2m3-vs-mergemany", "interior-improves",
+                            "barrier-grows-with-n", "glue-exact", "complex-ensemble"))
