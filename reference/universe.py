@@ -282,15 +282,11 @@ def frank_wolfe_universe(
     for it in range(1, max_iter + 1):
         leaves = [{g: m.clone().requires_grad_(True) for g, m in x.items()} for x in X]
         obj = relaxed(leaves)
-        grads = torch.autograd.grad(obj, [m for x in leaves for m in x.values()]) if obj.requires_grad else None
-        G = [dict.fromkeys(sizes) for _ in range(n)]
-        if grads is None:
+        if not obj.requires_grad:  # no tensor carries a group: nothing to align
             converged = True
             break
-        gi = iter(grads)
-        for i in range(n):
-            for g in sizes:
-                G[i][g] = next(gi)
+        gi = iter(torch.autograd.grad(obj, [m for x in leaves for m in x.values()]))
+        G = [{g: next(gi) for g in x} for x in leaves]
         S = [X[i] if i == fix else {g: _onehot(idx, eye[g]) for g, idx in _project(spec, G[i], solver).items()}
              for i in range(n)]
         D = [{g: S[i][g] - X[i][g] for g in sizes} for i in range(n)]
