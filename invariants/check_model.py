@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import sys
 from typing import Any
 
 import torch
 from torch import nn
+
+from reference import validate
 
 __all__ = ["CommandError", "add_parser", "load_object", "parse_shape", "run"]
 
@@ -122,11 +123,9 @@ def load_object(target: str, what: str) -> Any:
 
 def _build_model(args: argparse.Namespace) -> nn.Module:
     try:
-        kwargs = json.loads(args.kwargs)
-    except json.JSONDecodeError as e:
-        raise CommandError(f"--kwargs is not valid JSON: {e}") from e
-    if not isinstance(kwargs, dict):
-        raise CommandError(f"--kwargs must be a JSON object, got {type(kwargs).__name__}")
+        kwargs = validate.json_object("--kwargs", args.kwargs)
+    except ValueError as e:
+        raise CommandError(str(e)) from e
     factory = load_object(args.factory, "factory")
     try:
         model = factory(**kwargs)

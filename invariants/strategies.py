@@ -152,14 +152,12 @@ def mlp_archs(
     depth = draw(st.integers(1, max_depth))
     ws = draw(st.lists(st.integers(*widths), min_size=depth, max_size=depth))
     in_features = draw(st.integers(*inputs))
-    cfg = {
-        "name": "mlp",
-        "in_features": in_features,
-        "widths": ws,
-        "num_classes": draw(st.integers(2, 4)),
-        "bias": draw(st.booleans()),
-    }
-    return Arch(cfg, (in_features,))
+    return Arch({"name": "mlp", "in_features": in_features, "widths": ws, **_head(draw)}, (in_features,))
+
+
+def _head(draw: st.DrawFn) -> dict[str, Any]:
+    """The class count and whether layers have biases (every zoo classifier takes both)."""
+    return {"num_classes": draw(st.integers(2, 4)), "bias": draw(st.booleans())}
 
 
 def _norm_and_groups(draw: st.DrawFn, norms: Sequence[str | None]) -> tuple[str | None, int]:
@@ -196,16 +194,8 @@ def vgg_archs(
             pools += 1
     size = draw(st.integers(2**pools, 2**pools + 3)) if dims == 2 else draw(st.integers(2**pools, 2**pools + 6))
     in_channels = draw(st.integers(*inputs))
-    cfg = {
-        "name": "vgg",
-        "in_channels": in_channels,
-        "channels": channels,
-        "num_classes": draw(st.integers(2, 4)),
-        "norm": norm,
-        "groups": groups,
-        "dims": dims,
-        "bias": draw(st.booleans()),
-    }
+    cfg = {"name": "vgg", "in_channels": in_channels, "channels": channels, "norm": norm, "groups": groups,
+           "dims": dims, **_head(draw)}
     return Arch(cfg, (in_channels, *([size] * dims)))
 
 
@@ -217,17 +207,8 @@ def resnet_archs(draw: st.DrawFn, bases: tuple[int, int] = (2, 4), inputs: tuple
     dims = draw(st.sampled_from([1, 2]))
     size = draw(st.integers(4, 8)) if dims == 2 else draw(st.integers(4, 12))
     in_channels = draw(st.integers(*inputs))
-    cfg = {
-        "name": "resnet",
-        "in_channels": in_channels,
-        "num_classes": draw(st.integers(2, 4)),
-        "depth": 8,
-        "width": 1,
-        "norm": norm,
-        "groups": groups,
-        "dims": dims,
-        "base": base,
-    }
+    cfg = {"name": "resnet", "in_channels": in_channels, "num_classes": draw(st.integers(2, 4)), "depth": 8,
+           "width": 1, "norm": norm, "groups": groups, "dims": dims, "base": base}
     return Arch(cfg, (in_channels, *([size] * dims)))
 
 
@@ -245,16 +226,8 @@ def cnn1d_archs(
     channels = _channels(draw, n, widths, norm, groups)
     in_channels = draw(st.integers(*inputs))
     length = draw(st.integers(2 ** (n - 1), 2 ** (n - 1) + 8))
-    cfg = {
-        "name": "cnn1d",
-        "in_channels": in_channels,
-        "channels": channels,
-        "num_classes": draw(st.integers(2, 4)),
-        "norm": norm,
-        "kernel_size": draw(st.sampled_from(list(kernels))),
-        "groups": groups,
-        "bias": draw(st.booleans()),
-    }
+    cfg = {"name": "cnn1d", "in_channels": in_channels, "channels": channels, "norm": norm, "groups": groups,
+           "kernel_size": draw(st.sampled_from(list(kernels))), **_head(draw)}
     # one input channel: MNIST-1D's [B, L] layout half of the time
     shape = (length,) if in_channels == 1 and draw(st.booleans()) else (in_channels, length)
     return Arch(cfg, shape)

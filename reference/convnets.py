@@ -134,15 +134,13 @@ class MobileNet(nn.Module):
         image_size: int = 8,
     ):
         super().__init__()
-        in_channels = validate.integer("in_channels", in_channels)
-        num_classes = validate.integer("num_classes", num_classes)
+        in_channels, num_classes = validate.counts(in_channels=in_channels, num_classes=num_classes)
         widths = validate.integers("widths", widths)
         expansion = validate.integer("expansion", expansion)
         strides = validate.integers("strides", strides, maximum=2)
         repeats = validate.integers("repeats", repeats)
         norm = validate.choice("norm", norm, CONV_NORMS)
-        groups = validate.integer("groups", groups)
-        image_size = validate.integer("image_size", image_size)
+        groups, image_size = validate.counts(groups=groups, image_size=image_size)
         if not widths:
             raise ValueError("widths must name at least one stage")
         if not len(widths) == len(strides) == len(repeats):
@@ -151,18 +149,10 @@ class MobileNet(nn.Module):
                 f"and {len(repeats)}"
             )
         _check_size(image_size, sum(s == 2 for s in strides), "one halving per stride-2 stage")
-        self.config: dict[str, Any] = {
-            "name": "mobilenet",
-            "in_channels": in_channels,
-            "num_classes": num_classes,
-            "widths": list(widths),
-            "expansion": expansion,
-            "strides": list(strides),
-            "repeats": list(repeats),
-            "norm": norm,
-            "groups": groups,
-            "image_size": image_size,
-        }
+        self.config: dict[str, Any] = {"name": "mobilenet", "in_channels": in_channels, "num_classes": num_classes,
+                                       "widths": list(widths), "expansion": expansion, "strides": list(strides),
+                                       "repeats": list(repeats), "norm": norm, "groups": groups,
+                                       "image_size": image_size}
         self.in_channels, self.image_size = in_channels, image_size
         self.stem = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=norm is None)
         self.stem_norm = conv_norm(norm, widths[0], groups)
@@ -235,9 +225,8 @@ class DenseNet(nn.Module):
         image_size: int = 8,
     ):
         super().__init__()
-        in_channels = validate.integer("in_channels", in_channels)
-        num_classes = validate.integer("num_classes", num_classes)
-        growth = validate.integer("growth", growth)
+        in_channels, num_classes, growth = validate.counts(
+            in_channels=in_channels, num_classes=num_classes, growth=growth)
         block_layers = validate.integers("block_layers", block_layers)
         init_channels = validate.integer("init_channels", init_channels)
         norm = validate.choice("DenseNet norm", norm, (None, "batch"))
@@ -245,16 +234,9 @@ class DenseNet(nn.Module):
         if not block_layers:
             raise ValueError("block_layers must name at least one dense block")
         _check_size(image_size, len(block_layers) - 1, "one 2x average pool per transition")
-        self.config: dict[str, Any] = {
-            "name": "densenet",
-            "in_channels": in_channels,
-            "num_classes": num_classes,
-            "growth": growth,
-            "block_layers": list(block_layers),
-            "init_channels": init_channels,
-            "norm": norm,
-            "image_size": image_size,
-        }
+        self.config: dict[str, Any] = {"name": "densenet", "in_channels": in_channels, "num_classes": num_classes,
+                                       "growth": growth, "block_layers": list(block_layers),
+                                       "init_channels": init_channels, "norm": norm, "image_size": image_size}
         self.in_channels, self.image_size = in_channels, image_size
         self.stem = nn.Conv2d(in_channels, init_channels, 3, padding=1, bias=False)
         blocks, transitions = [], []
@@ -328,26 +310,16 @@ class UNet(nn.Module):
         image_size: int = 8,
     ):
         super().__init__()
-        in_channels = validate.integer("in_channels", in_channels)
-        num_classes = validate.integer("num_classes", num_classes)
-        base = validate.integer("base", base)
-        groups = validate.integer("groups", groups)
-        levels = validate.integer("levels", levels)
+        in_channels, num_classes, base, groups, levels = validate.counts(
+            in_channels=in_channels, num_classes=num_classes, base=base, groups=groups, levels=levels)
         norm = validate.choice("norm", norm, CONV_NORMS)
         image_size = validate.integer("image_size", image_size)
         _check_size(image_size, levels, "one 2x max-pool per level")
         if norm == "group" and base % groups:
             raise ValueError(f"GroupNorm: groups={groups} does not divide base={base} channels")
-        self.config: dict[str, Any] = {
-            "name": "unet",
-            "in_channels": in_channels,
-            "num_classes": num_classes,
-            "base": base,
-            "groups": groups,
-            "levels": levels,
-            "norm": norm,
-            "image_size": image_size,
-        }
+        self.config: dict[str, Any] = {"name": "unet", "in_channels": in_channels, "num_classes": num_classes,
+                                       "base": base, "groups": groups, "levels": levels, "norm": norm,
+                                       "image_size": image_size}
         self.in_channels, self.image_size = in_channels, image_size
         widths = [base * 2**i for i in range(levels)]
         self.enc = nn.ModuleList(

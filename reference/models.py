@@ -150,13 +150,8 @@ class MLP(nn.Module):
         num_classes = validate.integer("num_classes", num_classes)
         validate.choice("MLP norm", norm, (None, "layer"))
         bias = validate.flag("bias", bias)
-        self.config: dict[str, Any] = {
-            "name": "mlp",
-            "in_features": in_features,
-            "widths": list(widths),
-            "num_classes": num_classes,
-            "bias": bias,
-        }
+        self.config: dict[str, Any] = {"name": "mlp", "in_features": in_features, "widths": list(widths),
+                                       "num_classes": num_classes, "bias": bias}
         if norm is not None:
             self.config["norm"] = norm
         dims = [in_features, *widths]
@@ -219,8 +214,7 @@ class VGG(nn.Module):
         bias: bool = True,
     ):
         super().__init__()
-        in_channels = validate.integer("in_channels", in_channels)
-        num_classes = validate.integer("num_classes", num_classes)
+        in_channels, num_classes = validate.counts(in_channels=in_channels, num_classes=num_classes)
         norm, groups = _check_norm(norm, groups)
         dims = _check_dims(dims)
         if isinstance(channels, (str, bytes)) or not isinstance(channels, Sequence):
@@ -231,16 +225,9 @@ class VGG(nn.Module):
         if not any(c != "M" for c in entries):
             raise ValueError(f"channels must contain at least one conv width, got {list(channels)}")
         bias = validate.flag("bias", bias)
-        self.config: dict[str, Any] = {
-            "name": "vgg",
-            "in_channels": in_channels,
-            "channels": entries,
-            "num_classes": num_classes,
-            "norm": norm,
-            "groups": groups,
-            "dims": dims,
-            "bias": bias,
-        }
+        self.config: dict[str, Any] = {"name": "vgg", "in_channels": in_channels, "channels": entries,
+                                       "num_classes": num_classes, "norm": norm, "groups": groups, "dims": dims,
+                                       "bias": bias}
         layers: list[nn.Module] = []
         c_in = in_channels
         for c in entries:
@@ -281,22 +268,14 @@ class CNN1D(nn.Module):
         channels = validate.integers("channels", channels)
         if not channels:
             raise ValueError("channels must name at least one conv layer")
-        num_classes = validate.integer("num_classes", num_classes)
-        kernel_size = validate.integer("kernel_size", kernel_size)
+        num_classes, kernel_size = validate.counts(num_classes=num_classes, kernel_size=kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (same padding), got {kernel_size}")
         norm, groups = _check_norm(norm, groups)
         bias = validate.flag("bias", bias)
-        self.config: dict[str, Any] = {
-            "name": "cnn1d",
-            "in_channels": in_channels,
-            "channels": list(channels),
-            "num_classes": num_classes,
-            "norm": norm,
-            "kernel_size": kernel_size,
-            "groups": groups,
-            "bias": bias,
-        }
+        self.config: dict[str, Any] = {"name": "cnn1d", "in_channels": in_channels, "channels": list(channels),
+                                       "num_classes": num_classes, "norm": norm, "kernel_size": kernel_size,
+                                       "groups": groups, "bias": bias}
         self.in_channels = in_channels
         dims = [in_channels, *channels]
         self.blocks = nn.ModuleList(
@@ -368,26 +347,15 @@ class ResNet(nn.Module):
         base: int = 16,
     ):
         super().__init__()
-        in_channels = validate.integer("in_channels", in_channels)
-        num_classes = validate.integer("num_classes", num_classes)
-        depth = validate.integer("depth", depth)
+        in_channels, num_classes, depth = validate.counts(in_channels=in_channels, num_classes=num_classes, depth=depth)
         if depth < 8 or (depth - 2) % 6:
             raise ValueError(f"ResNet depth must be 6n + 2 with n >= 1 (8, 14, 20, ...), got {depth}")
-        width = validate.integer("width", width)
-        base = validate.integer("base", base)
+        width, base = validate.counts(width=width, base=base)
         norm, groups = _check_norm(norm, groups)
         dims = _check_dims(dims)
-        self.config: dict[str, Any] = {
-            "name": "resnet",
-            "in_channels": in_channels,
-            "num_classes": num_classes,
-            "depth": depth,
-            "width": width,
-            "norm": norm,
-            "groups": groups,
-            "dims": dims,
-            "base": base,
-        }
+        self.config: dict[str, Any] = {"name": "resnet", "in_channels": in_channels, "num_classes": num_classes,
+                                       "depth": depth, "width": width, "norm": norm, "groups": groups, "dims": dims,
+                                       "base": base}
         n = (depth - 2) // 6
         widths = [base * width * m for m in (1, 2, 4)]
         self.blocks_per_stage = n

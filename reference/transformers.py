@@ -168,32 +168,18 @@ class ViT(nn.Module):
         dims: int = 2,
     ):
         super().__init__()
-        image_size = validate.integer("image_size", image_size)
-        patch = validate.integer("patch", patch)
-        channels = validate.integer("channels", channels)
+        image_size, patch, channels = validate.counts(image_size=image_size, patch=patch, channels=channels)
         dim, heads = _check_heads(dim, heads)
-        depth = validate.integer("depth", depth)
-        mlp_ratio = validate.integer("mlp_ratio", mlp_ratio)
-        num_classes = validate.integer("num_classes", num_classes)
+        depth, mlp_ratio, num_classes = validate.counts(depth=depth, mlp_ratio=mlp_ratio, num_classes=num_classes)
         norm_first = validate.flag("norm_first", norm_first)
         activation = validate.choice("activation", activation, tuple(ACTIVATIONS))
         dims = validate.integer("dims", dims, minimum=1, maximum=2)
         if image_size % patch:
             raise ValueError(f"patch={patch} does not divide image_size={image_size}")
-        self.config: dict[str, Any] = {
-            "name": "vit",
-            "image_size": image_size,
-            "patch": patch,
-            "channels": channels,
-            "dim": dim,
-            "depth": depth,
-            "heads": heads,
-            "mlp_ratio": mlp_ratio,
-            "num_classes": num_classes,
-            "norm_first": norm_first,
-            "activation": activation,
-            "dims": dims,
-        }
+        self.config: dict[str, Any] = {"name": "vit", "image_size": image_size, "patch": patch, "channels": channels,
+                                       "dim": dim, "depth": depth, "heads": heads, "mlp_ratio": mlp_ratio,
+                                       "num_classes": num_classes, "norm_first": norm_first, "activation": activation,
+                                       "dims": dims}
         self.image_size, self.patch, self.channels, self.dims = image_size, patch, channels, dims
         self.grid = image_size // patch
         self.num_tokens = self.grid**dims
@@ -331,24 +317,14 @@ class CausalTransformer(nn.Module):
         tie_weights: bool = False,
     ):
         super().__init__()
-        vocab = validate.integer("vocab", vocab)
-        block_size = validate.integer("block_size", block_size)
+        vocab, block_size = validate.counts(vocab=vocab, block_size=block_size)
         dim, heads = _check_heads(dim, heads)
-        depth = validate.integer("depth", depth)
-        mlp_ratio = validate.integer("mlp_ratio", mlp_ratio)
+        depth, mlp_ratio = validate.counts(depth=depth, mlp_ratio=mlp_ratio)
         norm = validate.choice("norm", norm, TRANSFORMER_NORMS)
         tie_weights = validate.flag("tie_weights", tie_weights)
-        self.config: dict[str, Any] = {
-            "name": "causal_transformer",
-            "vocab": vocab,
-            "block_size": block_size,
-            "dim": dim,
-            "depth": depth,
-            "heads": heads,
-            "mlp_ratio": mlp_ratio,
-            "norm": norm,
-            "tie_weights": tie_weights,
-        }
+        self.config: dict[str, Any] = {"name": "causal_transformer", "vocab": vocab, "block_size": block_size,
+                                       "dim": dim, "depth": depth, "heads": heads, "mlp_ratio": mlp_ratio, "norm": norm,
+                                       "tie_weights": tie_weights}
         self.block_size, self.tie_weights = block_size, tie_weights
         self.wte = nn.Embedding(vocab, dim)
         self.wpe = nn.Embedding(block_size, dim)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "counts",
     "ArgumentTypeError",
     "choice",
     "flag",
@@ -44,6 +45,11 @@ def integer(name: str, value: Any, minimum: int | None = 1, maximum: int | None 
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be an integer <= {maximum}, got {value}")
     return int(value)
+
+
+def counts(**values: Any) -> tuple[int, ...]:
+    """Each keyword's value checked by :func:`integer` (an ``int`` >= 1), returned in the order given."""
+    return tuple(integer(name, v) for name, v in values.items())
 
 
 def integers(name: str, values: Any, minimum: int | None = 1, maximum: int | None = None) -> list[int]:
@@ -107,6 +113,19 @@ def choice(name: str, value: Any, options: Collection[Any]) -> Any:
     if value not in options:
         raise ValueError(f"unknown {name} {value!r}; use one of {tuple(options)}")
     return value
+
+
+def json_object(name: str, text: str) -> dict[str, Any]:
+    """``text`` parsed as a JSON object (e.g. a command line's model keyword arguments)."""
+    import json
+
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name} is not valid JSON ({e}): {text!r}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{name} must be a JSON object, got {text!r} ({type(obj).__name__})")
+    return obj
 
 
 def generator(value: torch.Generator | int | None, default_seed: int | None = None) -> torch.Generator:

@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from reference import validate
+
 __all__ = [
     "AlignInputError",
     "METHODS",
@@ -609,11 +611,9 @@ def _prepare(args: argparse.Namespace, command: str) -> _Job:
     if not (math.isfinite(args.ste_lr) and args.ste_lr > 0):
         raise AlignInputError(f"--ste-lr must be a positive number, got {args.ste_lr}")
     try:
-        kwargs = json.loads(args.model_kwargs)
-    except json.JSONDecodeError as e:
-        raise AlignInputError(f"--model-kwargs is not valid JSON ({e}): {args.model_kwargs!r}") from e
-    if not isinstance(kwargs, dict):
-        raise AlignInputError(f"--model-kwargs must be a JSON object, got {args.model_kwargs!r}")
+        kwargs = validate.json_object("--model-kwargs", args.model_kwargs)
+    except ValueError as e:
+        raise AlignInputError(str(e)) from e
     input_shape = _parse_shape(args.input_shape)
     inputs = [Path(args.a), Path(args.b)]
     data_path = Path(args.data).expanduser()

@@ -28,20 +28,11 @@ from reference.permutation import Permutation
 from reference.specs import spec_for
 from reference.train import TrainConfig, train
 from repro.__main__ import main
+from repro.align import OUTPUTS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 MLP_KW = {"in_features": 64, "widths": [16, 16], "num_classes": 10}
-OUTPUTS = (
-    "b_aligned.pt",
-    "permutation.json",
-    "path.csv",
-    "path.md",
-    "path.png",
-    "summary.json",
-    "coverage.txt",
-    "provenance.json",
-)
 
 MYNET = textwrap.dedent('''
     """A residual MLP with a LayerNorm'd stream, defined outside the package."""
@@ -107,29 +98,15 @@ def mlp_pair(tmp_path_factory, digits):
     return d, model, a, b
 
 
+def _cli(model: str, kwargs: dict | None, a, b, out, method: str, *extra, grid: int = 7, data="digits") -> list:
+    """The arguments of one ``repro align`` run on the CPU (``kwargs=None``: no ``--model-kwargs``)."""
+    kw = [] if kwargs is None else ["--model-kwargs", json.dumps(kwargs)]
+    return ["--model", model, *kw, "--a", a, "--b", b, "--method", method, "--data", data, "--out", out,
+            "--grid", grid, "--device", "cpu", *extra]
+
+
 def _mlp_args(d: Path, out: Path, method: str, *extra) -> list:
-    return [
-        "--model",
-        "zoo:mlp",
-        "--model-kwargs",
-        json.dumps(MLP_KW),
-        "--a",
-        d / "A.pt",
-        "--b",
-        d / "B.pt",
-        "--method",
-        method,
-        "--data",
-        "digits",
-        "--out",
-        out,
-        "--grid",
-        7,
-        "--device",
-        "cpu",
-        "--no-progress",
-        *extra,
-    ]
+    return _cli("zoo:mlp", MLP_KW, d / "A.pt", d / "B.pt", out, method, "--no-progress", *extra)
 
 
 @pytest.mark.parametrize("method", ["weight", "activation", "ste"])
@@ -218,27 +195,8 @@ def test_model_outside_the_package_as_safetensors(capsys, tmp_path, monkeypatch,
             p = {k: torch.rand(v.shape, generator=g) + 0.5 if k.endswith("running_var") else v for k, v in p.items()}
         safetensors.torch.save_file({k: v.contiguous() for k, v in p.items()}, tmp_path / f"{name}.safetensors")
     before = {n: _sha(tmp_path / f"{n}.safetensors") for n in "AB"}
-    rc, _, err = _align(
-        capsys,
-        "--model",
-        "mynet:make",
-        "--model-kwargs",
-        json.dumps({"bn": bn}),
-        "--a",
-        "A.safetensors",
-        "--b",
-        "B.safetensors",
-        "--method",
-        "weight",
-        "--data",
-        "digits",
-        "--out",
-        "aligned",
-        "--grid",
-        5,
-        "--device",
-        "cpu",
-    )
+    rc, _, err = _align(capsys, *_cli("mynet:make", {"bn": bn}, "A.safetensors", "B.safetensors", "aligned", "weight",
+                                      grid=5))
     assert rc == 0, err
     assert sys.path == path_before and "mynet" in sys.modules  # the cwd was on sys.path for the import only
     sys.modules.pop("mynet", None)
@@ -270,29 +228,8 @@ def test_zoo_vit_end_to_end(capsys, tmp_path, digits):
     assert spec.heads, "the ViT spec couples its attention heads"
     for method in ("weight", "activation"):
         out = tmp_path / f"out_{method}"
-        rc, _, err = _align(
-            capsys,
-            "--model",
-            "zoo:vit",
-            "--model-kwargs",
-            json.dumps(kw),
-            "--a",
-            tmp_path / "A.pt",
-            "--b",
-            tmp_path / "B.pt",
-            "--method",
-            method,
-            "--data",
-            "digits",
-            "--out",
-            out,
-            "--grid",
-            3,
-            "--device",
-            "cpu",
-            "--max-examples",
-            400,
-        )
+        rc, _, err = _align(capsys, *_cli("zoo:vit", kw, tmp_path / "A.pt", tmp_path / "B.pt", out, method,
+                                          "--max-examples", 400, grid=3))
         assert rc == 0, err
         b_al = torch.load(out / "b_aligned.pt", weights_only=True)
         torch.testing.assert_close(
@@ -485,24 +422,7 @@ def test_unsupported_operation_strict_and_no_strict(capsys, tmp_path, monkeypatc
         sys.path.remove(str(tmp_path))
     for name, seed in (("A", 1), ("B", 2)):
         torch.save(init_params(model, seed), tmp_path / f"{name}.pt")
-    args = [
-        "--model",
-        "cumnet:CumNet",
-        "--a",
-        "A.pt",
-        "--b",
-        "B.pt",
-        "--method",
-        "activation",
-        "--data",
-        "digits",
-        "--out",
-        tmp_path / "out",
-        "--grid",
-        3,
-        "--device",
-        "cpu",
-    ]
+    args = _cli("cumnet:CumNet", None, "A.pt", "B.pt", tmp_path / "out", "activation", grid=3)
     err = _refused(capsys, tmp_path, tmp_path / "out", *args)
     assert "cannot derive the permutation spec of CumNet" in err and "cumsum" in err and "--no-strict" in err
     rc, _, err = _align(capsys, *args, "--no-strict")
@@ -522,28 +442,9 @@ def test_a_folder_of_mnist_idx_files(capsys, tmp_path):
     for name, seed in (("A", 1), ("B", 2)):
         torch.save(init_params(model, seed), tmp_path / f"{name}.pt")
     out = tmp_path / "out"
-    kw = json.dumps({"in_features": 784, "widths": [8], "num_classes": 10})
-    rc, _, err = _align(
-        capsys,
-        "--model",
-        "zoo:mlp",
-        "--model-kwargs",
-        kw,
-        "--a",
-        tmp_path / "A.pt",
-        "--b",
-        tmp_path / "B.pt",
-        "--method",
-        "weight",
-        "--data",
-        tmp_path / "mnist",
-        "--out",
-        out,
-        "--grid",
-        3,
-        "--device",
-        "cpu",
-    )
+    kw = {"in_features": 784, "widths": [8], "num_classes": 10}
+    rc, _, err = _align(capsys, *_cli("zoo:mlp", kw, tmp_path / "A.pt", tmp_path / "B.pt", out, "weight",
+                                      grid=3, data=tmp_path / "mnist"))
     assert rc == 0, err
     s = json.loads((out / "summary.json").read_text())
     assert s["data"]["name"] == "mnist" and s["data"]["input_shape"] == [1, 28, 28] and s["data"]["num_train"] == 20

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from reference.fit import module_mode
 from reference.models import CNN1D, MLP, VGG, ChannelLayerNorm, ResNet, build_model, init_params
 from reference.params import Params, clone
 from reference.permutation import Permutation, PermutationSpec
@@ -142,13 +143,8 @@ def _moving_perm(spec: PermutationSpec, seed: int = 0) -> Permutation:
 
 def _forward(model: nn.Module, params: Params, x: Tensor, train: bool) -> Tensor:
     """f(θ, x) in train or eval mode; ``params`` is copied (train-mode BatchNorm updates its buffers)."""
-    was = model.training
-    model.train(train)
-    try:
-        with torch.no_grad():
-            return functional_call(model, clone(params), (x,))
-    finally:
-        model.train(was)
+    with module_mode(model, train), torch.no_grad():
+        return functional_call(model, clone(params), (x,))
 
 
 def _setup(config: dict[str, Any], shape: tuple[int, ...]) -> tuple[nn.Module, Params, Tensor]:

@@ -169,33 +169,33 @@ def spec_with_split_residual_stream(model) -> PermutationSpec:
     return _respec(spec, {k: rename(k, g) for k, g in spec.axes.items()}, blocks)
 
 
-def test_a_unpermuted_running_stats_caught_by_eval_mode_invariance(monkeypatch):
-    monkeypatch.setattr(reference.specs, "spec_for", spec_without_running_stats)
-    err = assert_caught(monkeypatch, props_invariance.test_function_invariance_eval_mode)
-    assert "eval mode" in str(err)
+# (mutant spec, the property that must catch it, a phrase its failure names)
+SPEC_MUTANTS = {
+    "a-unpermuted-running-stats-eval-mode": (spec_without_running_stats,
+                                             props_invariance.test_function_invariance_eval_mode, "eval mode"),
+    "b-wrong-axis-resnets": (spec_with_transposed_weights, props_invariance.test_function_invariance_resnets, ""),
+    "b-wrong-axis-train-mode": (spec_with_transposed_weights,
+                                props_invariance.test_function_invariance_train_mode, ""),
+    "c-split-stream-resnets": (spec_with_split_residual_stream,
+                               props_invariance.test_function_invariance_resnets, ""),
+    # the traced spec merges the stream; a hand spec that splits it disagrees with it
+    "c-split-stream-spec-discovery": (spec_with_split_residual_stream,
+                                      props_specs.test_traced_spec_has_the_hand_written_symmetry, ""),
+}
+
+
+@pytest.mark.parametrize("name", list(SPEC_MUTANTS))
+def test_spec_mutant_caught(monkeypatch, name):
+    mutant, prop, phrase = SPEC_MUTANTS[name]
+    monkeypatch.setattr(reference.specs, "spec_for", mutant)
+    err = assert_caught(monkeypatch, prop)
+    assert phrase in str(err)
 
 
 def test_a_unpermuted_running_stats_invisible_in_train_mode(monkeypatch):
     """Why eval mode is a separate property: batch statistics hide mutant (a)."""
     monkeypatch.setattr(reference.specs, "spec_for", spec_without_running_stats)
     run_property(monkeypatch, props_invariance.test_function_invariance_train_mode)
-
-
-def test_b_wrong_axis_caught_by_invariance(monkeypatch):
-    monkeypatch.setattr(reference.specs, "spec_for", spec_with_transposed_weights)
-    assert_caught(monkeypatch, props_invariance.test_function_invariance_resnets)
-    assert_caught(monkeypatch, props_invariance.test_function_invariance_train_mode)
-
-
-def test_c_split_residual_stream_caught_by_resnet_invariance(monkeypatch):
-    monkeypatch.setattr(reference.specs, "spec_for", spec_with_split_residual_stream)
-    assert_caught(monkeypatch, props_invariance.test_function_invariance_resnets)
-
-
-def test_c_split_residual_stream_caught_by_spec_discovery(monkeypatch):
-    """The traced spec merges the stream; a hand spec that splits it disagrees with it."""
-    monkeypatch.setattr(reference.specs, "spec_for", spec_with_split_residual_stream)
-    assert_caught(monkeypatch, props_specs.test_traced_spec_has_the_hand_written_symmetry)
 
 
 # ---------------------------------------------------------------------------------------------

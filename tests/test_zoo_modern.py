@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from reference.convnets import DenseNet, MobileNet, UNet
+from reference.fit import module_mode
 from reference.models import build_model, init_params
 from reference.params import Params, clone
 from reference.permutation import Permutation, PermutationSpec
@@ -97,13 +98,8 @@ def _setup(config: dict[str, Any], shape: tuple[int, ...]) -> tuple[nn.Module, P
 
 def _forward(model: nn.Module, params: Params, x: Tensor, train: bool = False) -> Tensor:
     """f(θ, x) in train or eval mode; ``params`` is copied (train-mode BatchNorm updates its buffers)."""
-    was = model.training
-    model.train(train)
-    try:
-        with torch.no_grad():
-            return functional_call(model, clone(params), (x,))
-    finally:
-        model.train(was)
+    with module_mode(model, train), torch.no_grad():
+        return functional_call(model, clone(params), (x,))
 
 
 def _rel(a: Tensor, b: Tensor) -> float:

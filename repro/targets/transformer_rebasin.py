@@ -51,6 +51,7 @@ from torch.func import functional_call
 
 from reference import validate
 from reference.barrier import BARRIER_KINDS, evaluate_path, linear_path
+from reference.fit import module_mode
 from reference.matching import activation_matching, ste_matching, weight_matching
 from reference.models import build_model, init_params
 from reference.params import Params
@@ -293,13 +294,9 @@ def headless(spec: PermutationSpec) -> PermutationSpec:
 @torch.no_grad()
 def function_error(model: nn.Module, before: Params, after: Params, x: Tensor) -> float:
     """max |f(after, x) − f(before, x)| / max |f(before, x)| in eval mode (0 for an unchanged function)."""
-    was = model.training
-    model.eval()
-    try:
+    with module_mode(model, False):
         f0 = functional_call(model, dict(before), (x,))
         f1 = functional_call(model, dict(after), (x,))
-    finally:
-        model.train(was)
     return float((f1 - f0).abs().max() / f0.abs().max().clamp_min(1e-30))
 
 
