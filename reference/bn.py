@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import validate
 from .activations import hooked
 from .evaluate import default_chunk_size
 from .fit import split_trainable
@@ -248,12 +249,8 @@ def recompute_bn_stats_batched(
     """
     split_trainable(model, stacked, "stacked params")
     _check_x(x, batch_size, method)
-    sizes = {v.shape[0] if v.ndim else None for v in stacked.values()}
-    if len(sizes) != 1 or None in sizes:
-        raise ValueError(f"stacked params need one leading size on every entry, got {sorted(map(str, sizes))}")
-    (K,) = sizes
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+    K = validate.leading_size(stacked, "stacked params")
+    chunk_size = validate.optional_integer("chunk_size", chunk_size)
     dev = next(iter(stacked.values())).device
     chunk = chunk_size or default_chunk_size(dev)
     extra = {n: b for n, b in model.named_buffers() if n not in stacked}

@@ -103,8 +103,19 @@ def _bernstein(n: int, t: Tensor) -> Tensor:
     return binom * tt.pow(i) * (1 - tt).pow(n - i)
 
 
+class _Basis:
+    """What every curve basis shares: its first and last control points are the endpoints."""
+
+    n_points: int
+
+    @property
+    def n_free(self) -> int:
+        """The control points between the endpoints (the ones a curve trains)."""
+        return self.n_points - 2
+
+
 @dataclass(frozen=True)
-class Bezier:
+class Bezier(_Basis):
     """Bezier curve of ``order`` n ≥ 1 over n + 1 control points (n − 1 free).
 
     cᵢ(t) = C(n, i) tⁱ (1 − t)ⁿ⁻ⁱ (Bernstein polynomials; Garipov et al. 2018, §3.2 for n = 2).
@@ -113,19 +124,14 @@ class Bezier:
     """
 
     order: int
+    name = "bezier"
 
     def __post_init__(self) -> None:
         integer("order", self.order)
 
-    name = "bezier"
-
     @property
     def n_points(self) -> int:
         return self.order + 1
-
-    @property
-    def n_free(self) -> int:
-        return self.order - 1
 
     def coeffs(self, t: Tensor | float | Sequence[float]) -> Tensor:
         """[K, order + 1] Bernstein coefficients at the K values of ``t``."""
@@ -140,7 +146,7 @@ class Bezier:
 
 
 @dataclass(frozen=True)
-class PolyChain:
+class PolyChain(_Basis):
     """Polygonal chain through ``bends`` ≥ 1 free points at equally spaced knots tᵢ = i / (bends + 1).
 
     cᵢ(t) = max(0, 1 − |n t − i|) with n = bends + 1 (hat functions; Garipov et al. 2018, §3.2 for one
@@ -149,19 +155,14 @@ class PolyChain:
     """
 
     bends: int
+    name = "polychain"
 
     def __post_init__(self) -> None:
         integer("bends", self.bends)
 
-    name = "polychain"
-
     @property
     def n_points(self) -> int:
         return self.bends + 2
-
-    @property
-    def n_free(self) -> int:
-        return self.bends
 
     @property
     def knots(self) -> Tensor:

@@ -53,6 +53,12 @@ class TrainConfig:
     eps: float = 1e-8
     drop_last: bool = False
 
+    @classmethod
+    def adam(cls, epochs: int, batch_size: int = 128, lr: float = 1e-3, **fields: Any) -> TrainConfig:
+        """Adam with cosine decay, the recipe most targets train their small models with; ``fields`` set
+        (or override) any other field, e.g. ``optimizer="adamw"``."""
+        return cls(epochs=epochs, batch_size=batch_size, lr=lr, **{"optimizer": "adam", "schedule": "cosine", **fields})
+
     def __post_init__(self) -> None:
         # Checks only: the fields keep the values given (``asdict()`` feeds provenance and cache keys, where
         # ``0`` and ``0.0`` differ), except ``betas``, stored as a tuple of floats.

@@ -42,6 +42,7 @@ from torch import nn
 
 from .models import CNN1D, MLP, VGG, ResNet
 from .permutation import PermutationSpec
+from .specs_modern import norm_axes
 from .trace import trace_spec  # re-exported: ``reference.specs.trace_spec`` is the tracer of ``reference.trace``
 
 __all__ = ["spec_for", "trace_spec"]
@@ -53,22 +54,11 @@ Axes = dict[str, tuple[str | None, ...]]
 # hand-written specs
 # ============================================================================================
 def _norm_axes(prefix: str, kind: str | None, group: str) -> Axes:
-    """Keys of the norm layer ``make_norm(kind, ...)`` at ``prefix``, all acting on ``group``."""
-    if kind is None:
-        return {}
-    if kind == "batch":
-        return {
-            f"{prefix}.weight": (group,),
-            f"{prefix}.bias": (group,),
-            f"{prefix}.running_mean": (group,),
-            f"{prefix}.running_var": (group,),
-            f"{prefix}.num_batches_tracked": (),
-        }
-    if kind == "layer":
-        return {f"{prefix}.ln.weight": (group,), f"{prefix}.ln.bias": (group,)}
-    if kind == "group":
-        return {f"{prefix}.weight": (group,), f"{prefix}.bias": (group,)}
-    raise ValueError(f"unknown norm {kind!r} at {prefix!r}")
+    """Keys of the norm layer ``make_norm(kind, ...)`` at ``prefix``, all acting on ``group`` (the zoo's
+    channel LayerNorm keeps its ``nn.LayerNorm`` at ``{prefix}.ln``)."""
+    if kind == "rms":
+        raise ValueError(f"unknown norm {kind!r} at {prefix!r}")  # not one of the zoo's make_norm kinds
+    return norm_axes(f"{prefix}.ln" if kind == "layer" else prefix, kind, group)
 
 
 def _layer_axes(prefix: str, out: str | None, inp: str | None, spatial: int, bias: bool) -> Axes:

@@ -50,7 +50,7 @@ from .convnets import DenseNet, MobileNet, UNet
 from .permutation import PermutationSpec
 from .transformers import CausalTransformer, ViT
 
-__all__ = ["MODERN_SPECS"]
+__all__ = ["MODERN_SPECS", "norm_axes"]
 
 Axes = dict[str, tuple[Any, ...]]
 Entry = Any  # a group name, None, or segments ((group | None, length), ...)
@@ -73,7 +73,7 @@ def _conv(prefix: str, out: Entry, inp: Entry, bias: bool) -> Axes:
     return axes
 
 
-def _norm(prefix: str, kind: str | None, entry: Entry) -> Axes:
+def norm_axes(prefix: str, kind: str | None, entry: Entry) -> Axes:
     """The keys of a norm layer at ``prefix`` acting on ``entry``: ``"batch"`` (with running statistics),
     ``"group"`` / ``"layer"`` (weight, bias), ``"rms"`` (weight only), ``None`` (no keys)."""
     if kind is None:
@@ -139,13 +139,13 @@ def _vit_spec(model: ViT) -> PermutationSpec:
     blocks: dict[str, int] = {}
     heads: dict[str, str] = {}
     for p, qk, vo, mlp in _transformer_blocks(cfg, blocks, heads):
-        axes |= _norm(f"{p}.norm1", "layer", S)
+        axes |= norm_axes(f"{p}.norm1", "layer", S)
         axes |= _linear(f"{p}.attn.q", qk, S) | _linear(f"{p}.attn.k", qk, S)
         axes |= _linear(f"{p}.attn.v", vo, S) | _linear(f"{p}.attn.out", S, vo)
-        axes |= _norm(f"{p}.norm2", "layer", S)
+        axes |= norm_axes(f"{p}.norm2", "layer", S)
         axes |= _linear(f"{p}.mlp.fc1", mlp, S) | _linear(f"{p}.mlp.fc2", S, mlp)
     if cfg["norm_first"]:
-        axes |= _norm("norm", "layer", S)
+        axes |= norm_axes("norm", "layer", S)
     axes |= _linear("head", None, S)
     return _spec(model, axes, blocks, heads)
 
@@ -159,11 +159,11 @@ def _causal_transformer_spec(model: CausalTransformer) -> PermutationSpec:
     heads: dict[str, str] = {}
     for p, qk, vo, mlp in _transformer_blocks(cfg, blocks, heads):
         qkv = ((qk, D), (qk, D), (vo, D))
-        axes |= _norm(f"{p}.ln1", norm, S)
+        axes |= norm_axes(f"{p}.ln1", norm, S)
         axes |= _linear(f"{p}.attn.c_attn", qkv, S) | _linear(f"{p}.attn.c_proj", S, vo)
-        axes |= _norm(f"{p}.ln2", norm, S)
+        axes |= norm_axes(f"{p}.ln2", norm, S)
         axes |= _linear(f"{p}.mlp.c_fc", mlp, S) | _linear(f"{p}.mlp.c_proj", S, mlp)
-    axes |= _norm("ln_f", norm, S)
+    axes |= norm_axes("ln_f", norm, S)
     if not cfg["tie_weights"]:
         axes |= _linear("lm_head", None, S, bias=False)
     return _spec(model, axes, blocks, heads)
@@ -186,7 +186,7 @@ def _mobilenet_spec(model: MobileNet) -> PermutationSpec:
     norm, e = cfg["norm"], cfg["expansion"]
     bias = norm is None
     stream = "P_stem"
-    axes: Axes = _conv("stem", stream, None, bias) | _norm("stem_norm", norm, stream)
+    axes: Axes = _conv("stem", stream, None, bias) | norm_axes("stem_norm", norm, stream)
     widths = {stream: cfg["widths"][0]}
     c_in, b = cfg["widths"][0], 0
     for s, (c, stride, r) in enumerate(zip(cfg["widths"], cfg["strides"], cfg["repeats"], strict=True)):
@@ -196,13 +196,13 @@ def _mobilenet_spec(model: MobileNet) -> PermutationSpec:
             if e > 1:
                 hidden = f"P_block{b}.expand"
                 widths[hidden] = c_in * e
-                axes |= _conv(f"{p}.expand", hidden, stream, bias) | _norm(f"{p}.norm1", norm, hidden)
-            axes |= _conv(f"{p}.dw", hidden, None, bias) | _norm(f"{p}.norm2", norm, hidden)
+                axes |= _conv(f"{p}.expand", hidden, stream, bias) | norm_axes(f"{p}.norm1", norm, hidden)
+            axes |= _conv(f"{p}.dw", hidden, None, bias) | norm_axes(f"{p}.norm2", norm, hidden)
             residual = (stride if j == 0 else 1) == 1 and c_in == c
             if not residual:
                 stream = f"P_stage{s}"
                 widths[stream] = c
-            axes |= _conv(f"{p}.project", stream, hidden, bias) | _norm(f"{p}.norm3", norm, stream)
+            axes |= _conv(f"{p}.project", stream, hidden, bias) | norm_axes(f"{p}.norm3", norm, stream)
             c_in, b = c, b + 1
     axes |= _linear("head", None, stream)
     return _spec(model, axes, _group_blocks(widths, norm, cfg["groups"]))
@@ -217,21 +217,21 @@ def _densenet_spec(model: DenseNet) -> PermutationSpec:
     for b, n in enumerate(cfg["block_layers"]):
         for l in range(n):
             p, g = f"blocks.{b}.{l}", f"P_dense{b}.{l}"
-            axes |= _norm(f"{p}.norm", norm, tuple(segs)) | _conv(f"{p}.conv", g, tuple(segs), False)
+            axes |= norm_axes(f"{p}.norm", norm, tuple(segs)) | _conv(f"{p}.conv", g, tuple(segs), False)
             segs.append((g, growth))
         if b < len(cfg["block_layers"]) - 1:
             p, g = f"transitions.{b}", f"P_trans{b}"
-            axes |= _norm(f"{p}.norm", norm, tuple(segs)) | _conv(f"{p}.conv", g, tuple(segs), False)
+            axes |= norm_axes(f"{p}.norm", norm, tuple(segs)) | _conv(f"{p}.conv", g, tuple(segs), False)
             segs = [(g, sum(c for _, c in segs) // 2)]
-    axes |= _norm("norm", norm, tuple(segs)) | _linear("head", None, tuple(segs))
+    axes |= norm_axes("norm", norm, tuple(segs)) | _linear("head", None, tuple(segs))
     return _spec(model, axes)
 
 
 def _double_conv(prefix: str, group: str, inp: Entry, norm: str | None) -> Axes:
     bias = norm is None
     a, b = f"{group}.a", f"{group}.b"
-    axes = _conv(f"{prefix}.conv1", a, inp, bias) | _norm(f"{prefix}.norm1", norm, a)
-    return axes | _conv(f"{prefix}.conv2", b, a, bias) | _norm(f"{prefix}.norm2", norm, b)
+    axes = _conv(f"{prefix}.conv1", a, inp, bias) | norm_axes(f"{prefix}.norm1", norm, a)
+    return axes | _conv(f"{prefix}.conv2", b, a, bias) | norm_axes(f"{prefix}.norm2", norm, b)
 
 
 def _unet_spec(model: UNet) -> PermutationSpec:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from tiny_nets import nontrivial
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -111,26 +112,6 @@ def _input(shape: tuple[int, ...], seed: int = 0) -> Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _nontrivial(params: Params, seed: int) -> Params:
-    """Perturb every float entry so that no coordinate is permutation-symmetric by accident.
-
-    Norm weights start at 1 and biases at 0, BatchNorm at mean 0 / var 1: a spec that forgot to
-    permute them would pass. Running variances are drawn positive.
-    """
-    g = torch.Generator().manual_seed(seed)
-    out: Params = {}
-    for k, v in params.items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-        elif k.endswith("running_var"):
-            out[k] = 0.5 + torch.rand(v.shape, generator=g)
-        elif k.endswith("running_mean"):
-            out[k] = 0.5 * torch.randn(v.shape, generator=g)
-        else:
-            out[k] = v + 0.2 * torch.randn(v.shape, generator=g)
-    return out
-
-
 def _moving_perm(spec: PermutationSpec, seed: int = 0) -> Permutation:
     """A random permutation that moves some unit of every group of size > 1."""
     for s in range(seed, seed + 100):
@@ -149,7 +130,7 @@ def _forward(model: nn.Module, params: Params, x: Tensor, train: bool) -> Tensor
 
 def _setup(config: dict[str, Any], shape: tuple[int, ...]) -> tuple[nn.Module, Params, Tensor]:
     model = build_model(config)
-    return model, _nontrivial(init_params(model, 0), 1), _input(shape)
+    return model, nontrivial(init_params(model, 0), 1), _input(shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,7 +625,7 @@ def test_mlp_spec_property(widths: list[int], bias: bool, seed: int) -> None:
     x = _input((4, 5), seed)
     spec = spec_for(model)
     assert spec.same_symmetry(trace_spec(model, x))
-    params = _nontrivial(init_params(model, seed), seed + 1)
+    params = nontrivial(init_params(model, seed), seed + 1)
     permuted = Permutation.random(spec, seed).apply(spec, params)
     torch.testing.assert_close(
         _forward(model, permuted, x, False), _forward(model, params, x, False), atol=ATOL, rtol=RTOL

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_nets import nontrivial
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -74,26 +75,9 @@ def _input(config: dict[str, Any], shape: tuple[int, ...], seed: int = 0) -> Ten
     return torch.randn(shape, generator=g, dtype=torch.float64)
 
 
-def _nontrivial(params: Params, seed: int) -> Params:
-    """Perturb every float entry so that no coordinate is permutation-symmetric by accident (norm weights
-    start at 1, biases at 0, BatchNorm statistics at 0 / 1); running variances stay positive."""
-    g = torch.Generator().manual_seed(seed)
-    out: Params = {}
-    for k, v in params.items():
-        if not v.is_floating_point():
-            out[k] = v.clone()
-        elif k.endswith("running_var"):
-            out[k] = 0.5 + torch.rand(v.shape, generator=g, dtype=v.dtype)
-        elif k.endswith("running_mean"):
-            out[k] = 0.5 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-        else:
-            out[k] = v + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
-    return out
-
-
 def _setup(config: dict[str, Any], shape: tuple[int, ...]) -> tuple[nn.Module, Params, Tensor]:
     model = build_model(config).double()
-    return model, _nontrivial(init_params(model, 0), 1), _input(config, shape)
+    return model, nontrivial(init_params(model, 0), 1), _input(config, shape)
 
 
 def _forward(model: nn.Module, params: Params, x: Tensor, train: bool = False) -> Tensor:

@@ -64,3 +64,19 @@ def general_params(model: nn.Module, seed: int = 0, dtype: torch.dtype = torch.f
             out[k] = torch.randn(v.shape, generator=g).to(dtype)
     return out
 
+
+def nontrivial(params: Params, seed: int) -> Params:
+    """Perturb every float entry so that no coordinate is permutation-symmetric by accident (norm weights
+    start at 1, biases at 0, BatchNorm statistics at 0 / 1); running variances stay positive."""
+    g = torch.Generator().manual_seed(seed)
+    out: Params = {}
+    for k, v in params.items():
+        if not v.is_floating_point():
+            out[k] = v.clone()
+        elif k.endswith("running_var"):
+            out[k] = 0.5 + torch.rand(v.shape, generator=g, dtype=v.dtype)
+        elif k.endswith("running_mean"):
+            out[k] = 0.5 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+        else:
+            out[k] = v + 0.2 * torch.randn(v.shape, generator=g, dtype=v.dtype)
+    return out

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from reference.data import Dataset, load_dataset
+from reference.models import build_model
 from reference.params import Params
 from reference.train import TrainConfig
 
@@ -167,6 +169,12 @@ class JobContext:
         if dk not in _VIEWS:
             _remember(_VIEWS, dk, with_view(d, view).to(self.dev))
         return _VIEWS[dk]
+
+    def setup(self, args: Any) -> tuple[Dataset, nn.Module]:
+        """The data and a fresh model of a job's arguments: ``args.data`` (seen through ``args.view`` when the
+        job has one) on this device, and ``build_model(args.model)`` there (built after the data is loaded)."""
+        data = self.data(args.data, getattr(args, "view", None))
+        return data, build_model(args.model).to(self.dev)
 
     def endpoint(self, e: Endpoint) -> Params:
         """The trained parameters of ``e`` from the endpoint cache, on this job's device."""

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from reference.barrier import BARRIER_KINDS, evaluate_path, linear_path
 from reference.evaluate import evaluate_points
 from reference.matching import activation_matching, weight_matching
-from reference.models import build_model
 from reference.params import stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
@@ -68,8 +67,7 @@ class PairArgs:
 
 def pair_job(args: PairArgs, ctx: JobContext) -> dict:
     """Everything measured for one pair (θ_a, θ_b): the three paths, barriers, WM restarts."""
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     spec = spec_for(model)
     pa, pb = ctx.endpoints([args.a, args.b])
     seed = args.seed
@@ -257,14 +255,14 @@ class WidthConfig:
     ste_steps: int = 200
     ste_lr: float = 1e-2
     ste_batch: int = 256
-    train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = TrainConfig.adam(40)
     resnet_train: TrainConfig | None = None  # None: the same as ``train``
 
 
 WIDTH_SIZES = {
     "quick": WidthConfig(mlp_multipliers=(1, 4), resnet_multipliers=(1, 2), pairs=1, grid=9, ste_steps=30,
                          repair_examples=500,
-                         train=TrainConfig(epochs=15, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")),
+                         train=TrainConfig.adam(15)),
     "cpu": WidthConfig(),
     # Git Re-Basin Fig. 4 (width ablation, ResNet-20 on CIFAR-10 at widths ×1 … ×16) with the authors'
     # src/cifar10_resnet20_train.py recipe: SGD momentum 0.9, peak lr 0.1, 5 warm-up epochs of 250 then cosine
@@ -313,8 +311,7 @@ def width_job(args: WidthArgs, ctx: JobContext) -> dict:
     from reference.barrier import barrier
     from reference.matching import ste_matching
 
-    data = ctx.data(args.data, args.view)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     spec = spec_for(model)
     pa, pb = ctx.endpoints([args.a, args.b])
     seed, fix, cfg = args.seed, args.fix, args

@@ -27,7 +27,6 @@ from reference.data import load_dataset
 from reference.distribution import connection_path, wa_ensemble
 from reference.ensembles import ensemble_probs
 from reference.evaluate import ensemble_metrics, evaluate_points
-from reference.models import build_model
 from reference.params import stack
 from reference.train import TrainConfig
 
@@ -54,14 +53,13 @@ class AnokhinConfig:
     points_per_segment: int = 11
     ensemble_width: int = 64  # a deep width: WA(1), WA(2) of 3-layer nets
     ensemble_members: int = 5
-    train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = TrainConfig.adam(60)
 
 
 SIZES = {
     "quick": AnokhinConfig(datasets=("digits",), one_layer_widths=(16, 64), deep_widths=(32,), pairs=1,
                            points_per_segment=5, ensemble_width=32, ensemble_members=3,
-                           train=TrainConfig(epochs=15, batch_size=128, lr=2e-3, optimizer="adam",
-                                             schedule="cosine")),
+                           train=TrainConfig.adam(15, lr=2e-3)),
     "cpu": AnokhinConfig(),
     # The authors' code (avecplezir/distribution-based-connectivity: README, models/linear.py, train.py,
     # eval_curve.py commands): CIFAR-10, one-hidden-layer nets LinearOneLayer100/500/1000/2000 (bias) and the
@@ -122,8 +120,7 @@ class EnsembleArgs:
 
 def path_job(args: PathArgs, ctx: JobContext) -> dict:
     """Every method's path a → b on the grid and the two endpoints, all stacked: one evaluation per split."""
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     a, b = ctx.endpoints([args.a, args.b])
     grids = []
     for method in args.methods:
@@ -148,8 +145,7 @@ def path_job(args: PathArgs, ctx: JobContext) -> dict:
 
 
 def ensemble_job(args: EnsembleArgs, ctx: JobContext) -> dict:
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     nets = ctx.endpoints(args.nets)
     x, y = data.x_test, data.y_test
     probs = ensemble_probs(model, stack(nets), x)

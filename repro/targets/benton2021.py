@@ -15,7 +15,6 @@ import torch
 
 from reference.ensembles import ensemble_probs, ensemble_table
 from reference.evaluate import evaluate_points
-from reference.models import build_model
 from reference.params import float_keys, stack
 from reference.simplex import Simplex, sample_members, train_simplex
 from reference.train import TrainConfig
@@ -41,8 +40,8 @@ class SimplexConfig:
     members_per_simplex: int = 5
     vol_reg: float = 0.05
     samples_per_step: int = 4
-    train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
-    vertex_train: TrainConfig = TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = TrainConfig.adam(60)
+    vertex_train: TrainConfig = TrainConfig.adam(20)
 
 
 # VGG-16's conv stages (13 conv layers, 5 max-pools)
@@ -50,10 +49,8 @@ VGG16_STAGES = ((64, 64), (128, 128), (256, 256, 256), (512, 512, 512), (512, 51
 
 SIZES = {
     "quick": SimplexConfig(modes=2, free_vertices=(1, 2), samples=32, members_per_simplex=4,
-                           train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam",
-                                             schedule="cosine"),
-                           vertex_train=TrainConfig(epochs=5, batch_size=128, lr=1e-3, optimizer="adam",
-                                                    schedule="cosine")),
+                           train=TrainConfig.adam(20),
+                           vertex_train=TrainConfig.adam(5)),
     "cpu": SimplexConfig(),
     # Benton et al. 2021, Sec. 4–5 (Figs. 3, 5: VGG-16 on CIFAR-10) with the authors' g-benton/loss-surface-simplexes
     # experiments/vgg-cifar10 scripts (README.md and the argparse defaults):
@@ -105,8 +102,7 @@ class ModesArgs:
 
 
 def modes_job(args: ModesArgs, ctx: JobContext) -> dict:
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     m = evaluate_points(model, stack(ctx.endpoints(args.modes)), data.x_test, data.y_test)
     return {"loss": m.loss.tolist(), "accuracy": m.accuracy.tolist()}
 
@@ -141,8 +137,7 @@ class SproArgs:
 
 
 def spro_job(args: SproArgs, ctx: JobContext) -> dict:
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     mode = ctx.endpoint(args.mode)
     xte, yte = data.x_test, data.y_test
     cx = args.training.simplex(model, mode, args.n_free, data, args.seed, ctx)
@@ -172,8 +167,7 @@ class EsproArgs:
 
 
 def espro_job(args: EsproArgs, ctx: JobContext) -> dict:
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     modes = ctx.endpoints(args.modes)
     xte, yte = data.x_test, data.y_test
     out = []

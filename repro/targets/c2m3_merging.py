@@ -35,7 +35,6 @@ from reference.bn import has_batchnorm, recompute_bn_stats_batched
 from reference.evaluate import evaluate_points
 from reference.matching import weight_matching
 from reference.merge import merge_many, pairwise_from_universe, permutation_sync, repair
-from reference.models import build_model
 from reference.params import combine, stack
 from reference.permutation import Permutation
 from reference.specs import spec_for
@@ -70,16 +69,15 @@ class C2M3Config:
     max_pairs: int = 10
     fw_iters: int = 100
     repair_examples: int = 1000
-    train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
-    resnet_train: TrainConfig = TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = TrainConfig.adam(40)
+    resnet_train: TrainConfig = TrainConfig.adam(20)
 
 
 SIZES = {
     "quick": C2M3Config(replicates=2, ns=(2, 3, 4), resnet_ns=(2, 3), grid=9, max_triples=4, max_pairs=4,
                         fw_iters=30, repair_examples=500,
-                        train=TrainConfig(epochs=15, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"),
-                        resnet_train=TrainConfig(epochs=8, batch_size=128, lr=1e-3, optimizer="adam",
-                                                 schedule="cosine")),
+                        train=TrainConfig.adam(15),
+                        resnet_train=TrainConfig.adam(8)),
     "cpu": C2M3Config(),
     # MNIST MLPs of 3 × 512 units trained with Git Re-Basin's MNIST recipe (src/mnist_mlp_train.py: Adam,
     # lr 1e-3, batch 500, 100 epochs). C2M3's own training recipe, model sizes and number of models per set have
@@ -161,8 +159,7 @@ def _universes(spec, models: list, seed: int, fw_iters: int) -> tuple[dict, dict
 
 
 def merge_job(args: MergeArgs, ctx: JobContext) -> dict:
-    data = ctx.data(args.data, args.view)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     spec = spec_for(model)
     models = ctx.endpoints(args.models)
     x, y = data.x_train, data.y_train

@@ -21,7 +21,6 @@ from reference.curves import train_curve
 from reference.ensembles import ensemble_probs, ensemble_table
 from reference.evaluate import all_metrics
 from reference.landscape import plane_basis, plane_grid, plot_plane, project
-from reference.models import build_model
 from reference.train import TrainConfig
 
 from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, seaborn
@@ -44,16 +43,16 @@ class CurveEnsembleConfig:
     members: int = 20
     t_grid: int = 21
     plane_grid: int = 31
-    train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = TrainConfig.adam(60)
     # the curve gets the endpoints' training budget (Garipov et al. train curves as long as the models)
-    curve_train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    curve_train: TrainConfig = TrainConfig.adam(60)
 
 
 SIZES = {
     "quick": CurveEnsembleConfig(
         members=10, t_grid=11, plane_grid=15,
-        train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"),
-        curve_train=TrainConfig(epochs=8, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")),
+        train=TrainConfig.adam(20),
+        curve_train=TrainConfig.adam(8)),
     "cpu": CurveEnsembleConfig(),
     # The write-up's CIFAR-10 run (simoneiriksson/mode-connectivity, modeconnectivity/CIFAR_experiment.ipynb,
     # the notebook its README takes the table from): batch 256, no augmentation; endpoints 100 epochs of Adam,
@@ -103,8 +102,7 @@ class CurveEnsembleArgs:
 
 def curve_ensemble_job(args: CurveEnsembleArgs, ctx: JobContext) -> dict:
     """Train the Bézier curve; the start / end / ensemble metrics, the metrics along t, the plane."""
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     start, end = ctx.endpoints([args.start, args.end])
     ctx.log(f"curve-ensemble: training a quadratic Bézier curve on {args.data.dataset} ({ctx.dev})")
     curve = train_curve(model, start, end, data.x_train, data.y_train, cfg=args.curve_train, kind="bezier",

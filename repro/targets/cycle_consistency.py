@@ -25,7 +25,6 @@ from reference.barrier import linear_path
 from reference.evaluate import evaluate_points
 from reference.matching import weight_matching
 from reference.merge import merge_many, pairwise_from_universe, universe_alignment
-from reference.models import build_model
 from reference.params import combine, stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
@@ -45,12 +44,12 @@ class CycleConfig:
     grid: int = 17
     max_triples: int = 10
     max_pairs: int = 10
-    train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = TrainConfig.adam(40)
 
 
 SIZES = {
     "quick": CycleConfig(ns=(3, 4), grid=9, max_triples=4, max_pairs=4,
-                         train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")),
+                         train=TrainConfig.adam(20)),
     "cpu": CycleConfig(),
     # Git Re-Basin's MergeMany experiment (Ainsworth et al. 2023, Alg. 3; the authors' src/mnist_mlp_wm_many.py):
     # 32 MNIST MLPs with 3 hidden layers of 512 ReLU units, each trained with Adam, lr 1e-3, 100 epochs, batch 500
@@ -109,8 +108,7 @@ class CycleArgs:
 
 
 def cycle_job(args: CycleArgs, ctx: JobContext) -> dict:
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     spec = spec_for(model)
     models = ctx.endpoints(args.models)
     x, y = data.x_train, data.y_train

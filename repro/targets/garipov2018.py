@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from reference.barrier import PathEval
 from reference.curves import Bezier, Curve, evaluate_curve, train_curve
 from reference.ensembles import ensemble_probs, ensemble_table, fge
-from reference.models import build_model
 from reference.neb import NEBConfig, evaluate_neb, neb
 from reference.params import stack
 from reference.train import TrainConfig
@@ -62,9 +61,9 @@ class CurvesConfig:
     pairs: int = 3
     grid: int = 21
     points_per_step: int = 4
-    train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = TrainConfig.adam(60)
     # the curve gets the endpoints' training budget (Garipov et al. train curves as long as the models)
-    curve_train: TrainConfig = TrainConfig(epochs=60, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    curve_train: TrainConfig = TrainConfig.adam(60)
     # ½ curve_l2 ‖φ(t)‖² added to the curve's loss at every sampled t (the authors' curve regulariser)
     curve_l2: float = 0.0
     # FGE gets the budget of one more training run (train.epochs), in cycles of fge_cycle_epochs
@@ -76,7 +75,7 @@ class CurvesConfig:
     # curves' 60 epochs × 32 steps × 4 points per step
     neb: NEBConfig = NEBConfig(
         init_pivots=3, cycles=4, insert_per_cycle=2, max_pivots=15, insert_threshold=0.1, sub_points=9,
-        train=TrainConfig(epochs=10, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+        train=TrainConfig.adam(10))
     neb_grid_sub: int = 2
     # models named resnet*: their own recipe (None: the settings above, as for every other model)
     resnet: Recipe | None = None
@@ -94,17 +93,17 @@ def _paper_neb(epochs: int) -> NEBConfig:
     # our choice, not Draxler et al.'s settings), its epochs per cycle chosen so that (3 + 5 + 7 + 9) interior
     # pivots × epochs ≈ the curve's epochs (one t per step): the same budget of point gradients
     return NEBConfig(init_pivots=3, cycles=4, insert_per_cycle=2, max_pivots=15, insert_threshold=0.1, sub_points=9,
-                     train=TrainConfig(epochs=epochs, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"))
+                     train=TrainConfig.adam(epochs))
 
 
 SIZES = {
     "quick": CurvesConfig(
         pairs=2, grid=11,
-        train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"),
-        curve_train=TrainConfig(epochs=8, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"),
+        train=TrainConfig.adam(20),
+        curve_train=TrainConfig.adam(8),
         fge_cycle_epochs=4,
         neb=NEBConfig(init_pivots=2, cycles=2, insert_per_cycle=2, sub_points=5,
-                      train=TrainConfig(epochs=4, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")),
+                      train=TrainConfig.adam(4)),
         neb_grid_sub=2),
     "cpu": CurvesConfig(),
     # The authors' CIFAR-10 runs (README of timgaripov/dnn-mode-connectivity, "Training the endpoints",
@@ -198,8 +197,7 @@ class CurvesArgs(PairArgs):
 
 
 def curves_job(args: CurvesArgs, ctx: JobContext) -> dict:
-    data = ctx.data(args.data, args.view)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     pa, pb = ctx.endpoints([args.a, args.b])
     seed, device = args.pair, ctx.dev
     splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
@@ -244,8 +242,7 @@ class FGEArgs(PairArgs):
 
 
 def fge_job(args: FGEArgs, ctx: JobContext) -> dict:
-    data = ctx.data(args.data, args.view)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     eps = ctx.endpoints([args.a, args.b])
     sgd = TrainConfig(epochs=1, batch_size=args.batch_size, lr=args.lr[0], optimizer="sgd", momentum=0.9,
                       weight_decay=args.weight_decay)

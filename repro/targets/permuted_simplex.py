@@ -30,7 +30,6 @@ import torch
 from reference.curves import train_curve
 from reference.ensembles import ensemble_probs, ensemble_table
 from reference.merge import merge_many, repair
-from reference.models import build_model
 from reference.params import stack
 from reference.permuted_simplex import (
     align_simplex,
@@ -94,8 +93,8 @@ class PermutedSimplexConfig:
     repair_resolution: int = 6
     ensemble_samples: int = 32
     interior: InteriorConfig = InteriorConfig()
-    train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine")
-    curve_train: TrainConfig = TrainConfig(epochs=40, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = TrainConfig.adam(40, optimizer="adamw")
+    curve_train: TrainConfig = TrainConfig.adam(40)
 
 
 SIZES = {
@@ -105,8 +104,8 @@ SIZES = {
         complex_simplices=((0, 1, 2), (0, 2, 3)), ensemble_samples=6, repair_ns=(3,),
         repair_methods=("star", "interior"), repair_resolution=3,
         interior=InteriorConfig(steps=20, eval_lams=8),
-        train=TrainConfig(epochs=8, batch_size=128, lr=1e-3, optimizer="adamw", schedule="cosine"),
-        curve_train=TrainConfig(epochs=4, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")),
+        train=TrainConfig.adam(8, optimizer="adamw"),
+        curve_train=TrainConfig.adam(4)),
     "cpu": PermutedSimplexConfig(),
     # The research note (sources/000) states no experiment: no model, data or budget. It reasons about
     # M-layer fully-connected nets (§1.1) and builds on Git Re-Basin ([3] of the note), so the paper size
@@ -164,8 +163,7 @@ def _align_new(model, spec, models, label: str, data, interior: InteriorConfig |
 
 
 def _setup(args, ctx: JobContext):
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     spec = spec_for(model)
     models = ctx.endpoints(list(args.eps))
     return data, model, spec, models

@@ -99,15 +99,15 @@ class RashomonConfig:
     jacobian_examples: int | None = None  # test inputs of the input–output Jacobian (None: all)
     curve_l2: float = 0.0  # the authors' curve regulariser ½·l2·E_t‖φ(t)‖² (train_curve l2_on="curve")
     curve_points_per_step: int = 4  # t values drawn per curve-training step
-    train: TrainConfig = TrainConfig(epochs=150, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
-    curve_train: TrainConfig = TrainConfig(epochs=150, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")
+    train: TrainConfig = TrainConfig.adam(150)
+    curve_train: TrainConfig = TrainConfig.adam(150)
 
 
 SIZES = {
     "quick": RashomonConfig(
         widths=(16,), t_grid=5, density_ts=(0.0, 0.5), hutchinson_samples=30, slq_probes=4, slq_steps=40,
-        train=TrainConfig(epochs=30, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine"),
-        curve_train=TrainConfig(epochs=20, batch_size=128, lr=1e-3, optimizer="adam", schedule="cosine")),
+        train=TrainConfig.adam(30),
+        curve_train=TrainConfig.adam(20)),
     "cpu": RashomonConfig(),
     # The write-up's setting (sources/002, "Procedure"): CIFAR-10, two separately trained PreResNet20
     # (~270k params) joined by a Bézier curve as in Garipov et al. The zoo has no pre-activation ResNet: its

@@ -25,7 +25,6 @@ from reference.barrier import evaluate_path, linear_path
 from reference.evaluate import predict_logits
 from reference.matching import weight_matching
 from reference.merge import merge_many
-from reference.models import build_model
 from reference.params import stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
@@ -94,10 +93,9 @@ def _stats(model, params, x, y) -> dict:
 
 def sweep_cell(args: CellArgs, ctx: JobContext) -> dict:
     """One (weight decay, feature size) cell: measures (a), (b), (c), (d) on the cell's trained models."""
-    data = ctx.data(args.data)
+    data, model = ctx.setup(args)
     seed = args.seed
     models = ctx.endpoints(args.models)
-    model = build_model(args.model).to(ctx.dev)
     spec = spec_for(model)
     splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
     xt, yt = data.x_test, data.y_test

@@ -53,7 +53,7 @@ from reference import validate
 from reference.barrier import BARRIER_KINDS, evaluate_path, linear_path
 from reference.fit import module_mode
 from reference.matching import activation_matching, ste_matching, weight_matching
-from reference.models import build_model, init_params
+from reference.models import init_params
 from reference.params import Params
 from reference.permutation import Permutation, PermutationSpec
 from reference.specs import spec_for
@@ -68,6 +68,11 @@ METHODS = ("naive", "wm-headless", "wm", "am", "ste")
 HEAD_AWARE = ("wm", "am", "ste")
 FUNCTION_TOL = 1e-4  # relative, float32: what a head-aware permutation must keep
 BROKEN = 1e-2  # relative: a function error above this is a different network
+
+
+def _adamw(epochs: int, batch_size: int, lr: float = 3e-3) -> TrainConfig:
+    """AdamW (weight decay 0.05) with 5% linear warm-up and cosine decay: how both transformers train."""
+    return TrainConfig.adam(epochs, batch_size, lr, optimizer="adamw", weight_decay=0.05, warmup_frac=0.05)
 
 
 @dataclass(frozen=True)
@@ -85,9 +90,7 @@ class LMConfig:
     test_sequences: int = 256
     data_seed: int = 0  # the training sequences; the test ones use data_seed + 1
     pairs: int = 3  # 0: no language model
-    train: TrainConfig = TrainConfig(
-        epochs=25, batch_size=128, lr=3e-3, optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_frac=0.05
-    )
+    train: TrainConfig = _adamw(25, 128)
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,7 @@ class RebasinConfig:
     ste_lr: float = 1e-3
     ste_batch: int = 128
     ste_optimizer: str = "adam"
-    train: TrainConfig = TrainConfig(
-        epochs=15, batch_size=64, lr=3e-3, optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_frac=0.05
-    )
+    train: TrainConfig = _adamw(15, 64)
     lm: LMConfig = LMConfig()
 
 
@@ -121,23 +122,13 @@ SIZES = {
         wm_restarts=1,
         am_examples=500,
         ste_steps=10,
-        train=TrainConfig(
-            epochs=3, batch_size=64, lr=3e-3, optimizer="adamw", weight_decay=0.05, schedule="cosine", warmup_frac=0.05
-        ),
+        train=_adamw(3, 64),
         lm=LMConfig(
             dim=16,
             sequences=64,
             test_sequences=32,
             pairs=1,
-            train=TrainConfig(
-                epochs=3,
-                batch_size=128,
-                lr=3e-3,
-                optimizer="adamw",
-                weight_decay=0.05,
-                schedule="cosine",
-                warmup_frac=0.05,
-            ),
+            train=_adamw(3, 128),
         ),
     ),
     "cpu": RebasinConfig(),
@@ -160,15 +151,7 @@ SIZES = {
         am_examples=5000,
         ste_steps=1000,
         ste_batch=256,
-        train=TrainConfig(
-            epochs=100,
-            batch_size=128,
-            lr=1e-3,
-            optimizer="adamw",
-            weight_decay=0.05,
-            schedule="cosine",
-            warmup_frac=0.05,
-        ),
+        train=_adamw(100, 128, lr=1e-3),
         lm=LMConfig(
             vocab=16,
             block_size=16,
@@ -180,15 +163,7 @@ SIZES = {
             sequences=4096,
             test_sequences=1024,
             pairs=5,
-            train=TrainConfig(
-                epochs=50,
-                batch_size=256,
-                lr=1e-3,
-                optimizer="adamw",
-                weight_decay=0.05,
-                schedule="cosine",
-                warmup_frac=0.05,
-            ),
+            train=_adamw(50, 256, lr=1e-3),
         ),
     ),
 }
@@ -389,8 +364,7 @@ class ViTPairArgs:
 
 def vit_pair_job(args: ViTPairArgs, ctx: JobContext) -> dict:
     """Every method's path and function error for one ViT pair."""
-    data = ctx.data(args.data)
-    model = build_model(args.model).to(ctx.dev)
+    data, model = ctx.setup(args)
     spec = spec_for(model)
     pa, pb = ctx.endpoints([args.a, args.b])
     splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
