@@ -1,6 +1,7 @@
 """``python -m repro list`` · ``python -m repro run TARGET… | --all [--size quick|cpu|paper] [--set k=v]…`` ·
 ``python -m repro align --model pkg.module:factory --a A.pt --b B.pt --method weight|activation|ste --data D
---out DIR`` (``repro/align.py``)."""
+--out DIR`` (``repro/align.py``) · ``python -m repro report [RESULTS_DIR [RESULTS_DIR_B]] [--out SITE] [--rtol R]``
+(``repro/site.py``)."""
 
 from __future__ import annotations
 
@@ -46,7 +47,30 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=None, help="process: worker processes; ray: CPUs of a local instance")
     r.add_argument("--address", default=None, help="ray: the cluster to join (e.g. auto)")
     align.add_parser(sub)
+    rep = sub.add_parser("report", help="build the results site (one folder) or compare two runs (two folders)")
+    rep.add_argument("results", nargs="*", type=Path, default=None,
+                     help="results folder(s): one builds the site, two compare runs (default: repro/results)")
+    rep.add_argument("--out", type=Path, default=Path("site"), help="the site's folder (default: ./site)")
+    rep.add_argument("--rtol", type=float, default=0.05,
+                     help="compare mode: numbers differ when |a - b| > rtol * max(|a|, |b|) (default 0.05)")
     return p
+
+
+def _report(args: argparse.Namespace) -> int:
+    import time
+
+    from .site import SiteError, build_site
+
+    dirs = args.results or [Path(__file__).resolve().parent / "results"]
+    t0 = time.perf_counter()
+    try:
+        index = build_site(dirs, args.out, rtol=args.rtol)
+    except SiteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    mode = "comparison of 2 runs" if len(dirs) == 2 else "site"
+    print(f"wrote the {mode} to {index} ({time.perf_counter() - t0:.1f} s); open it in a browser")
+    return 0
 
 
 def _list() -> int:
@@ -64,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return _list()
     if args.cmd == "align":
         return align.run(args, argv)
+    if args.cmd == "report":
+        return _report(args)
     if args.quick and args.size not in (None, "quick"):
         print(f"error: --quick contradicts --size {args.size}", file=sys.stderr)
         return 2
