@@ -3,7 +3,8 @@
 - forward-over-reverse: ``jvp(grad(L), θ, v)`` (``reference.hessian.hvp``, what ``LossHessian`` uses);
 - double backward: ``torch.autograd.grad`` twice, ∇(∇L · v) (the classic reference, PyHessian's);
 - reverse-over-reverse: ``vjp(grad(L), θ)(v)`` with ``torch.func``;
-and k HVPs as one ``vmap``-ed forward-over-reverse call (``LossHessian.hvp_many``) against k single calls.
+``LossHessian``'s two ``hvp_mode``s (one HVP and k at once), and k HVPs in one ``hvp_many`` call against k single
+calls.
 All three are checked to agree before timing; repeats are interleaved round-robin and the median
 reported. Machines are noisy: compare the ratios, not seconds.
 
@@ -42,6 +43,14 @@ def bench_case(name: str, model, x_shape: tuple[int, ...], n: int, dev: torch.de
     print(f"  double backward (autograd.grad ×2):    {1e3 * t_db:8.2f} ms   1.00×")
     print(f"  forward-over-reverse (jvp ∘ grad):      {1e3 * t_for:8.2f} ms   {t_db / t_for:.2f}× double backward")
     print(f"  reverse-over-reverse (vjp ∘ grad):      {1e3 * t_rr:8.2f} ms   {t_db / t_rr:.2f}× double backward")
+    Hf, Hd = (loss_hessian(model, params, x, y, hvp_mode=m) for m in ("forward-over-reverse", "double-backward"))
+    torch.testing.assert_close(Hd.hvp_many(V), Hf.hvp_many(V), rtol=tol, atol=tol * float(ref.abs().max()))
+    t_f1, t_d1, t_fk, t_dk = time_calls([lambda: Hf.hvp(v), lambda: Hd.hvp(v), lambda: Hf.hvp_many(V),
+                                         lambda: Hd.hvp_many(V)], dev, repeats)
+    print(f"  LossHessian, 1 HVP:  forward-over-reverse {1e3 * t_f1:8.2f} ms, double backward {1e3 * t_d1:8.2f} ms   "
+          f"double backward {t_f1 / t_d1:.2f}× as fast")
+    print(f"  LossHessian, {k} HVPs (hvp_many): forward {1e3 * t_fk:8.2f} ms, double backward {1e3 * t_dk:8.2f} ms   "
+          f"double backward {t_fk / t_dk:.2f}× as fast; hvp_mode='auto' takes {H.mode} on {dev.type}")
     t_loop, t_many = time_calls([lambda: [H.hvp(V[i]) for i in range(k)], lambda: H.hvp_many(V)], dev, repeats)
     print(f"  {k} HVPs, one call each (LossHessian.hvp): {1e3 * t_loop:8.2f} ms = {1e3 * t_loop / k:.2f} ms/HVP")
     print(f"  {k} HVPs, one vmapped call (hvp_many):    {1e3 * t_many:8.2f} ms = {1e3 * t_many / k:.2f} ms/HVP   "
