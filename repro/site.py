@@ -314,8 +314,12 @@ def build_site(results_dirs: Sequence[Path], out: Path, rtol: float = 0.05) -> P
         raise SiteError(f"give one results folder (a site) or two (a comparison), got {len(results_dirs)}")
     if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
         raise SiteError(f"rtol must be a finite number >= 0, got {rtol!r}")
-    runs = [load_results(Path(d)) for d in results_dirs]
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SiteError(f"--out {out} is a file, not a folder")
+    if any(out.resolve() == Path(d).resolve() or out.resolve() in Path(d).resolve().parents for d in results_dirs):
+        raise SiteError(f"--out {out} is or holds a results folder: the site replaces its folder as a whole")
+    runs = [load_results(Path(d)) for d in results_dirs]
     tmp = out.with_name(out.name + ".building")
     if tmp.exists():
         shutil.rmtree(tmp)

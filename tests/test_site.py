@@ -164,6 +164,11 @@ def test_bad_input_is_refused_and_nothing_is_lost(tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "previous site"  # a failed build leaves the previous site
     with pytest.raises(SiteError, match="one results folder"):
         build_site([RESULTS, RESULTS, RESULTS], out)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SiteError, match="is a file"):
+        build_site([RESULTS], tmp_path / "afile")
+    with pytest.raises(SiteError, match="is or holds a results folder"):
+        build_site([bad], bad.parent)  # would delete the results
     with pytest.raises(SiteError, match="rtol"):
         build_site([RESULTS], out, rtol=-1)
     assert main(["report", str(tmp_path / "missing"), "--out", str(out)]) == 2
