@@ -4,7 +4,7 @@ Prints, measured side by side in one run (machines are noisy, so compare ratios,
 - the loop (``load_state_dict`` + forward per point) vs ``evaluate_points`` at several chunk sizes;
 - the time of weight matching for the same architecture.
 
-    python bench/bench_evaluate.py [--device cpu|cuda|auto] [--repeats 5] [--tf32]
+    python bench/bench_evaluate.py [--device cpu|cuda|auto] [--repeats 5] [--tf32] [--tiny]
 """
 
 from __future__ import annotations
@@ -67,10 +67,14 @@ def main() -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
+    p.add_argument("--tiny", action="store_true", help="tiny cases that only check the script runs (python -m bench)")
     args = p.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = args.tf32
     print(versions())
     for dev in devices(args.device):
+        if args.tiny:
+            bench_case("tiny", 16, [8], 32, dev, args.repeats)
+            continue
         bench_case("MNIST-sized", 784, [512, 512, 512], 10_000, dev, args.repeats)
         bench_case("digits", 64, [128] * 4, 360, dev, args.repeats)
 

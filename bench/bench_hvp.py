@@ -8,7 +8,7 @@ calls.
 All three are checked to agree before timing; repeats are interleaved round-robin and the median
 reported. Machines are noisy: compare the ratios, not seconds.
 
-    python bench/bench_hvp.py [--device cpu|cuda|auto] [--repeats 7] [--dtype float32|float64]
+    python bench/bench_hvp.py [--device cpu|cuda|auto] [--repeats 7] [--dtype float32|float64] [--tiny]
 """
 
 from __future__ import annotations
@@ -63,10 +63,14 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--k", type=int, default=16, help="HVPs per vmapped call")
+    p.add_argument("--tiny", action="store_true", help="a tiny case that only checks the script runs (python -m bench)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     print(versions())
     for dev in devices(args.device):
+        if args.tiny:
+            bench_case("tiny MLP 8-4-10", MLP(8, [4], 10), (8,), 32, dev, dtype, args.repeats, args.k)
+            continue
         bench_case("digits MLP 64-24-24-10 (the rashomon-hessian net)", MLP(64, [24, 24], 10), (64,), 1437, dev,
                    dtype, args.repeats, args.k)
         bench_case("MLP 784-256-256-10", MLP(784, [256, 256], 10), (784,), 2000, dev, dtype, args.repeats, args.k)

@@ -1,0 +1,36 @@
+"""``python -m bench`` (bench/__main__.py) on toy workloads: every benchmark still runs and its output lands in
+the results file. Never a timed assertion: the numbers of a tiny run mean nothing."""
+
+from __future__ import annotations
+
+import bench.__main__ as runner
+
+
+def test_every_benchmark_runs_at_tiny_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "RESULTS.md"
+    assert runner.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "--tiny (toy workloads" in text and "CPU cores" in text
+    for name, (script, _, _) in runner.BENCHES.items():
+        assert f"## {name}" in text and f"bench/{script}" in text
+    assert "failed" not in text
+    assert "× the loop" in text and "double backward" in text  # the scripts' ratio lines came through
+
+
+def test_a_failing_benchmark_fails_the_run(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "bench_bad.py"
+    bad.write_text("import sys\nprint('half a result')\nsys.exit(3)\n")
+    monkeypatch.setattr(runner, "BENCHES", {"bad": (str(bad), [], [])})
+    out = tmp_path / "R.md"
+    assert runner.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 1
+    assert "**failed (exit 3)**" in out.read_text() and "half a result" in out.read_text()
+    assert "bad failed with exit code 3" in capsys.readouterr().err
+
+
+def test_tiny_writes_no_file_unless_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "BENCHES", {"ok": (str(tmp_path / "ok.py"), [], [])})
+    (tmp_path / "ok.py").write_text("print('ok')\n")
+    monkeypatch.setattr(runner, "HERE", tmp_path)  # where the default RESULTS.md would go
+    assert runner.main(["--tiny", "--device", "cpu"]) == 0
+    assert not (tmp_path / "RESULTS.md").exists()
