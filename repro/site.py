@@ -175,7 +175,7 @@ class Cell:
     @property
     def num(self) -> bool:
         """Right-aligned: a number (``mean ± std`` included)."""
-        return _number(self.text.split(" ± ")[0]) is not None
+        return _number(self.text) is not None
 
 
 class Row(list):
@@ -287,7 +287,7 @@ _ENV = Environment(loader=PackageLoader("repro", "site_templates"), autoescape=s
 def _row(rs: ResultSet) -> dict[str, Any]:
     p, s = rs.provenance, rs.summary
     git = p.get("git") or {}
-    commit = git.get("commit") or git.get("head") or ""
+    commit = git.get("commit") or ""
     data = p.get("data") or {}
     return {"name": rs.name, "paper": p.get("paper", ""), "arxiv": p.get("arxiv", ""), "size": s.get("size", ""),
             "dataset": s.get("dataset") or data.get("dataset", ""), "device": p.get("device") or s.get("device", ""),
@@ -400,7 +400,7 @@ def _tables(sets: list[ResultSet | None], rtol: float, name: str) -> list[dict[s
         else:
             entry["rows"] = [Row(Cell(fmt(c)) for c in r) for r in t.rows]
             entry["only_rows"] = 0
-            entry["only"] = None if b is None and len(sets) == 1 else (0 if ta else 1)
+            entry["only"] = None if len(sets) == 1 else (0 if ta else 1)
         out.append(entry)
     return out
 
