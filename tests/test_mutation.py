@@ -536,9 +536,12 @@ def test_solver_registry_is_read_at_call_time(monkeypatch):
 
     spec, a, b = _small_pair()
     calls.clear()
+    monkeypatch.setitem(m.SOLVERS, m.fastest_solver(), counting)  # weight matching's "auto"
     default = m.weight_matching(spec, a, b, seed=2)
     assert len(calls) >= len(spec.sizes)
+    assert m.weight_matching(spec, a, b, seed=2, solver="scipy").history == default.history
     monkeypatch.setitem(m.SOLVERS, "scipy", m.scipy_solver)
+    monkeypatch.setitem(m.SOLVERS, m.fastest_solver(), m.SOLVERS[m.fastest_solver()])
     monkeypatch.setitem(m.SOLVERS, "counting", counting)
     calls.clear()
     named = m.weight_matching(spec, a, b, seed=2, solver="counting")
@@ -589,7 +592,9 @@ def test_weight_matching_reads_its_pieces_at_call_time(monkeypatch):
     r = m.weight_matching(spec, a, b, seed=5, restarts=2, init=init)
     passes = sum(len(x.history) - 1 for x in r.restarts)
     assert seen["start"] == 2 and seen["order"] == passes
-    assert seen["except"] == passes * sum(len(members) for members in spec.groups.values())
+    # every entry of every group at least once per restart; later passes reuse terms whose inputs did not change
+    members = sum(len(ms) for ms in spec.groups.values())
+    assert 2 * members <= seen["except"] <= passes * members
 
 
 def test_starting_permutation_and_permute_except():
