@@ -2,9 +2,10 @@
 
 K points (interpolation grids, curve points, simplex samples, ensemble members) are stacked along a
 leading dimension and evaluated by ``vmap(functional_call)`` in chunks of ``chunk_size`` points and
-``batch_size`` inputs. All points are evaluated in the same mode (eval by default: BatchNorm uses
-the running statistics stored in each point; recompute them first where they are invalid, e.g. at
-an interpolated point).
+``batch_size`` inputs, or one point per ``functional_call`` when the chunk is 1 (``auto_chunk_size``
+picks 1 on the CPU for all but tiny models: there a loop is faster than vmap). All points are
+evaluated in the same mode (eval by default: BatchNorm uses the running statistics stored in each
+point; recompute them first where they are invalid, e.g. at an interpolated point).
 
 Metrics, all on probabilities ``[N, C]`` (or ``[K, N, C]`` for K points):
 - cross-entropy / NLL ``−mean log p(y|x)``;
@@ -31,10 +32,12 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from . import validate
+from .cost import forward_cost
 
 __all__ = [
     "PointMetrics",
     "default_chunk_size",
+    "auto_chunk_size",
     "predict_logits",
     "evaluate_points",
     "accuracy",
@@ -45,13 +48,36 @@ __all__ = [
     "all_metrics",
 ]
 
-# Points per vmapped call, measured by bench/bench_evaluate.py (README): on 2 CPU cores a plain loop
-# is as fast as vmap for large models, so CPU evaluates a few points per call; a GPU takes many.
+# Points per vmapped call where nothing else decides (BatchNorm recomputation, ``bn.py``): on 2 CPU
+# cores a plain loop is as fast as vmap for large models, so CPU takes a few points per call; a GPU many.
 _CHUNK = {"cpu": 8, "cuda": 64}
+
+# ``auto_chunk_size`` on the CPU (bench/bench_evaluate.py, 2 cores, torch 2.13): one point per call (no
+# vmap) beat every vmapped chunk for MLPs from ~170 MFLOP per point and batch up (vmap: 0.5-0.9x) and
+# for every CNN1D (vmap of a convolution: 0.1-0.45x); up to ~50 MFLOP, 25 points per vmapped call won
+# (1.1-1.3x the loop: the per-call overhead dominates).
+_VMAP_MAX_FLOPS = 60e6
+_VMAP_CHUNK = 25
 
 
 def default_chunk_size(device: torch.device | str) -> int:
     return _CHUNK.get(torch.device(device).type, 8)
+
+
+def auto_chunk_size(
+    model: nn.Module, stacked: Mapping[str, Tensor], x: Tensor, batch_size: int, device: torch.device | str
+) -> int:
+    """Points per call when ``chunk_size`` is not given: on CUDA ``default_chunk_size`` (many points per
+    vmapped call); on the CPU 1 (a plain loop over the points, no vmap) unless one point's forward on
+    a batch is cheap (< 60 MFLOP, no convolution), then 25 per vmapped call. Chosen from the architecture
+    and the batch alone, so the same call always takes the same path (and gives the same floats)."""
+    dev = torch.device(device)
+    if dev.type != "cpu":
+        return default_chunk_size(dev)
+    flops, conv = forward_cost(model, {k: v[0] for k, v in stacked.items()}, x)
+    if conv or flops * min(batch_size, x.shape[0]) >= _VMAP_MAX_FLOPS:
+        return 1
+    return _VMAP_CHUNK
 
 
 def _chunked_logits(
@@ -70,11 +96,15 @@ def _chunked_logits(
     batch_size = validate.integer("batch_size", batch_size)
     train_mode = validate.flag("train_mode", train_mode)
     dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
-    chunk = chunk_size or default_chunk_size(dev)
+    chunk = chunk_size or auto_chunk_size(model, stacked, x, batch_size, dev)
     was_training = model.training
     model.train(train_mode)
     model.to(dev)
-    fv = vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
+    if chunk == 1:  # one point per call: the plain forward, without vmap's batching of every op
+        def fv(p: Mapping[str, Tensor], xb: Tensor) -> Tensor:
+            return functional_call(model, {k: v[0] for k, v in p.items()}, (xb,)).unsqueeze(0)
+    else:
+        fv = vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
     try:
         for s in range(0, K, chunk):
             part = {k: v[s : s + chunk].to(dev) for k, v in stacked.items()}

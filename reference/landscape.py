@@ -191,8 +191,9 @@ def plane_grid(
 
     The grid: ``grid`` = (G_a, G_b) (an int G: G × G) points spanning the three points' bounding box
     in (a, b) widened by ``margin`` × its extent on each side; ``alphas`` / ``betas`` replace an axis
-    by explicit coordinates. The G_a · G_b points are built and evaluated ``chunk_size`` at a time
-    (default ``evaluate.default_chunk_size`` of the device). With ``recompute_bn`` (BatchNorm models)
+    by explicit coordinates. The G_a · G_b points are built ``chunk_size`` at a time (default
+    ``evaluate.default_chunk_size`` of the device) and evaluated by ``evaluate_points`` with that
+    ``chunk_size`` (``None``: its ``auto_chunk_size``). With ``recompute_bn`` (BatchNorm models)
     each point's running statistics are recomputed on ``x_bn`` (default: ``x``) first.
 
     Returns ``{"alphas": [G_a], "betas": [G_b], "loss": [G_a, G_b], "error": [G_a, G_b],
@@ -233,7 +234,7 @@ def plane_grid(
             pts = recompute_bn_stats_batched(
                 model, pts, x if x_bn is None else x_bn, batch_size=bn_batch_size, method=bn_method, chunk_size=chunk
             )
-        r = evaluate_points(model, pts, x, y, chunk_size=chunk, batch_size=batch_size, device=dev)
+        r = evaluate_points(model, pts, x, y, chunk_size=chunk_size, batch_size=batch_size, device=dev)
         losses.append(r.loss)
         errors.append(r.error)
     shape = (al.numel(), be.numel())
