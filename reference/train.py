@@ -73,6 +73,7 @@ from .fit import (
 )
 from .optim import OPTIMIZERS, SCHEDULES, TrainConfig, clip_grads, lr_schedule, opt_step_
 from .params import Params, check_compatible, check_finite
+from .validate import choice
 
 __all__ = [
     "OPTIMIZERS",
@@ -87,6 +88,7 @@ __all__ = [
     "raise_if_diverged",
     "resolve_device",
     "seeded_rng",
+    "choose_strategy",
     "split_trainable",
     "train",
     "train_many",
@@ -126,12 +128,16 @@ def train_many(
     seeds: Sequence[int],
     device: torch.device | str | None = None,
     progress: bool = True,
+    strategy: str = "auto",
 ) -> list[Params]:
-    """Train K models at once (stacked parameters, ``vmap``); model k starts at ``params_list[k]``
-    and draws its data order from ``seeds[k]``.
+    """Train K models; model k starts at ``params_list[k]`` and draws its data order from ``seeds[k]``.
 
-    Returns K new ``Params`` on CPU, equal to ``[train(model, p, x, y, cfg, s) for p, s in ...]``
-    up to floating-point reassociation (see the module docstring).
+    ``strategy``: ``"vmap"`` trains them at once (stacked parameters, ``vmap``); ``"sequential"`` one
+    after another (``train`` each); ``"auto"`` (default) takes ``choose_strategy``: vmap where it pays
+    (small models, or any model on CUDA), sequential where it does not. Returns K new ``Params`` on CPU,
+    equal to ``[train(model, p, x, y, cfg, s) for p, s in ...]``: exactly so for ``"sequential"``, up to
+    floating-point reassociation for ``"vmap"`` (see the module docstring; models with dropout draw
+    other masks under vmap).
     """
     params_list = list(params_list)
     seeds = list(seeds)
@@ -142,18 +148,46 @@ def train_many(
             f"got {len(params_list)} parameter points but {len(seeds)} seeds; need one seed each"
         )
     check_compatible(*params_list)
-    for name, mod in model.named_modules():
-        if (
-            isinstance(mod, nn.modules.batchnorm._NormBase)
-            and mod.track_running_stats
-            and mod.momentum is None
-        ):
-            raise ValueError(
-                f"module {name!r} ({type(mod).__name__}) has momentum=None (cumulative running average), "
-                "which reads num_batches_tracked as a Python number and cannot run under vmap; "
-                "give it a momentum or train the models one at a time with train()"
-            )
+    choice("strategy", strategy, ("auto", "vmap", "sequential"))
+    cumulative = [
+        name for name, mod in model.named_modules()
+        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats and mod.momentum is None
+    ]
+    if strategy == "auto":
+        strategy = "sequential" if cumulative else choose_strategy(model, params_list[0], x, cfg, device)
+    if strategy == "sequential":
+        return [_fit(model, [p], x, y, cfg, [s], device, progress, batched=False)[0]
+                for p, s in zip(params_list, seeds, strict=True)]
+    if cumulative:
+        mod = model.get_submodule(cumulative[0])
+        raise ValueError(
+            f"module {cumulative[0]!r} ({type(mod).__name__}) has momentum=None (cumulative running average), "
+            "which reads num_batches_tracked as a Python number and cannot run under vmap; "
+            "give it a momentum or train the models one at a time (strategy='sequential')"
+        )
     return _fit(model, params_list, x, y, cfg, seeds, device, progress, batched=True)
+
+
+# ``choose_strategy`` on the CPU (bench/bench_train_many.py, K=4 MLPs 64-w-w-10, batch 128, 2 cores,
+# torch 2.13): vmap / sequential = 1.24x at w=32 (0.9 MFLOP per model and step), 1.11x at w=128 (6.6),
+# 1.05x at w=256 (22), 0.88x at w=512 (77): vmap pays up to ~30 MFLOP per model and step.
+_VMAP_MAX_STEP_FLOPS = 30e6
+
+
+def choose_strategy(
+    model: nn.Module, point: Mapping[str, Tensor], x: Tensor, cfg: TrainConfig,
+    device: torch.device | str | None = None,
+) -> str:
+    """``train_many``'s ``"auto"``: ``"vmap"`` on CUDA; on the CPU ``"vmap"`` when one model's forward on a
+    minibatch costs < 30 MFLOP (``reference.cost.forward_cost`` × ``batch_size``) and runs no convolution
+    (vmapped convolutions are slow on the CPU), else ``"sequential"``. Depends on the architecture and
+    the config only, never on a timing."""
+    from .cost import forward_cost
+
+    if resolve_device(device, point).type != "cpu":
+        return "vmap"
+    flops, conv = forward_cost(model, point, x)
+    return "sequential" if conv or flops * min(cfg.batch_size, x.shape[0]) >= _VMAP_MAX_STEP_FLOPS else "vmap"
 
 
 def _fit(

@@ -72,7 +72,7 @@ def test_train_many_equals_sequential_float64(arch: str, optimizer: str) -> None
     x, y = data(torch.float64)
     pts = init_points(make, 3, torch.float64)
     seeds = [0, 1, 2]
-    many = train_many(make().double(), pts, x, y, cfg, seeds, device="cpu", progress=False)
+    many = train_many(make().double(), pts, x, y, cfg, seeds, device="cpu", progress=False, strategy="vmap")
     for p, s, got in zip(pts, seeds, many, strict=True):
         one = train(make().double(), p, x, y, cfg, s, device="cpu", progress=False)
         assert_points_close(got, one, rtol=1e-9, atol=1e-12)
@@ -92,7 +92,7 @@ def test_train_many_equals_sequential_float32_all_options(arch: str) -> None:
     )  # fmt: skip
     x, y = data()
     pts = init_points(make, 2)
-    many = train_many(make(), pts, x, y, cfg, [3, 4], device="cpu", progress=False)
+    many = train_many(make(), pts, x, y, cfg, [3, 4], device="cpu", progress=False, strategy="vmap")
     for p, s, got in zip(pts, [3, 4], many, strict=True):
         one = train(make(), p, x, y, cfg, s, device="cpu", progress=False)
         assert_points_close(got, one, rtol=1e-4, atol=1e-5)
@@ -155,8 +155,8 @@ def test_dropout_is_seeded() -> None:
     a = train(drop_net(), p, x, y, CFG, seed=1, device="cpu", progress=False)
     b = train(drop_net(), p, x, y, CFG, seed=1, device="cpu", progress=False)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    m1 = train_many(drop_net(), [p, p], x, y, CFG, [1, 1], device="cpu", progress=False)
-    m2 = train_many(drop_net(), [p, p], x, y, CFG, [1, 1], device="cpu", progress=False)
+    m1 = train_many(drop_net(), [p, p], x, y, CFG, [1, 1], device="cpu", progress=False, strategy="vmap")
+    m2 = train_many(drop_net(), [p, p], x, y, CFG, [1, 1], device="cpu", progress=False, strategy="vmap")
     assert all(torch.equal(u[k], v[k]) for u, v in zip(m1, m2, strict=True) for k in u)
     assert not torch.equal(m1[0]["0.weight"], m1[1]["0.weight"]), "same seed, different masks"
 
@@ -227,10 +227,35 @@ def test_input_errors() -> None:
     with pytest.raises(ValueError, match="one seed each"):
         train_many(bn_net(), [p, p], x, y, CFG, [0], "cpu", False)
     with pytest.raises(ValueError, match="momentum=None"):
-        train_many(bn_net(momentum=None), [p], x, y, CFG, [0], "cpu", False)
-    # the cumulative-average BatchNorm is fine without vmap
+        train_many(bn_net(momentum=None), [p], x, y, CFG, [0], "cpu", False, strategy="vmap")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        train_many(bn_net(), [p], x, y, CFG, [0], "cpu", False, strategy="threads")
+    # the cumulative-average BatchNorm is fine without vmap, and "auto" trains it one model at a time
     out = train(bn_net(momentum=None), p, x, y, CFG, 0, "cpu", False)
     assert int(out["1.num_batches_tracked"]) == CFG.epochs * CFG.steps_per_epoch(N)
+    (auto,) = train_many(bn_net(momentum=None), [p], x, y, CFG, [0], "cpu", False)
+    assert all(torch.equal(auto[k], out[k]) for k in out)
+
+
+def test_train_many_strategy_auto_and_sequential() -> None:
+    """``strategy="sequential"`` is K calls of ``train``, exactly; ``"auto"`` takes vmap for a small MLP and
+    sequential for a wide one or a convolution on the CPU (by FLOPs, never by a timing), and says which."""
+    from reference.models import CNN1D, MLP, init_params
+    from reference.train import choose_strategy
+
+    x, y = torch.randn(64, 16), torch.randint(0, 3, (64,))
+    cfg = TrainConfig.adam(1, batch_size=16)
+    small = MLP(16, [8], 3)
+    pts = [init_params(small, s) for s in (0, 1)]
+    seq = train_many(small, pts, x, y, cfg, [0, 1], "cpu", False, strategy="sequential")
+    for got, p, s in zip(seq, pts, [0, 1], strict=True):
+        want = train(small, p, x, y, cfg, s, "cpu", False)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert choose_strategy(small, pts[0], x, cfg, "cpu") == "vmap"
+    wide = MLP(16, [2048, 2048], 3)
+    assert choose_strategy(wide, init_params(wide, 0), x, TrainConfig.adam(1, batch_size=64), "cpu") == "sequential"
+    conv = CNN1D(1, (4,), 3)
+    assert choose_strategy(conv, init_params(conv, 0), torch.randn(8, 1, 40), cfg, "cpu") == "sequential"
 
 
 def test_config_validation_and_provenance() -> None:
