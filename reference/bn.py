@@ -56,7 +56,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import validate
 from .activations import hooked
-from .evaluate import default_chunk_size
+from .evaluate import auto_chunk_size
 from .fit import split_trainable
 from .params import Params
 
@@ -242,7 +242,8 @@ def recompute_bn_stats_batched(
     chunk_size: int | None = None,
 ) -> Params:
     """``recompute_bn_stats`` for K points stacked along a leading dimension, ``vmap``\\ ed over the
-    points: ``chunk_size`` points per call (default ``evaluate.default_chunk_size`` of their device).
+    points: ``chunk_size`` points per call (default ``evaluate.auto_chunk_size``: on the CPU one point per
+    call, without vmap, unless the model is tiny).
 
     Returns stacked ``Params`` whose entry ``[k]`` equals ``recompute_bn_stats(model, point_k, x)``
     up to floating-point reassociation.
@@ -252,13 +253,17 @@ def recompute_bn_stats_batched(
     K = validate.leading_size(stacked, "stacked params")
     chunk_size = validate.optional_integer("chunk_size", chunk_size)
     dev = next(iter(stacked.values())).device
-    chunk = chunk_size or default_chunk_size(dev)
+    chunk = chunk_size or auto_chunk_size(model, stacked, x, batch_size or x.shape[0], dev)
     extra = {n: b for n, b in model.named_buffers() if n not in stacked}
 
     def one(p: Params, xb: Tensor) -> Tensor:
         return functional_call(model, {**p, **extra}, (xb,))
 
-    many = vmap(one, in_dims=(0, None))
+    if chunk == 1:  # one point per call, without vmap (the running statistics land in views of ``p``)
+        def many(p: Params, xb: Tensor) -> Tensor:
+            return one({k: v[0] for k, v in p.items()}, xb).unsqueeze(0)
+    else:
+        many = vmap(one, in_dims=(0, None))
     parts = []
     for s in range(0, K, chunk):
         part = {k: v[s : s + chunk] for k, v in stacked.items()}

@@ -54,9 +54,10 @@ _CHUNK = {"cpu": 8, "cuda": 64}
 
 # ``auto_chunk_size`` on the CPU (bench/bench_evaluate.py, 2 cores, torch 2.13): one point per call (no
 # vmap) beat every vmapped chunk for MLPs from ~170 MFLOP per point and batch up (vmap: 0.5-0.9x) and
-# for every CNN1D (vmap of a convolution: 0.1-0.45x); up to ~50 MFLOP, 25 points per vmapped call won
-# (1.1-1.3x the loop: the per-call overhead dominates).
-_VMAP_MAX_FLOPS = 60e6
+# for every CNN1D (vmap of a convolution: 0.1-0.45x); around 40-50 MFLOP it depends on the threads (2:
+# vmap 0.8-1.1x, 1: 0.75-0.97x), and at ~10 MFLOP 25 points per vmapped call won (1.1-1.3x the loop:
+# the per-call overhead dominates).
+_VMAP_MAX_FLOPS = 30e6
 _VMAP_CHUNK = 25
 
 
@@ -69,7 +70,7 @@ def auto_chunk_size(
 ) -> int:
     """Points per call when ``chunk_size`` is not given: on CUDA ``default_chunk_size`` (many points per
     vmapped call); on the CPU 1 (a plain loop over the points, no vmap) unless one point's forward on
-    a batch is cheap (< 60 MFLOP, no convolution), then 25 per vmapped call. Chosen from the architecture
+    a batch is cheap (< 30 MFLOP, no convolution), then 25 per vmapped call. Chosen from the architecture
     and the batch alone, so the same call always takes the same path (and gives the same floats)."""
     dev = torch.device(device)
     if dev.type != "cpu":

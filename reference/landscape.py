@@ -192,8 +192,8 @@ def plane_grid(
     The grid: ``grid`` = (G_a, G_b) (an int G: G × G) points spanning the three points' bounding box
     in (a, b) widened by ``margin`` × its extent on each side; ``alphas`` / ``betas`` replace an axis
     by explicit coordinates. The G_a · G_b points are built ``chunk_size`` at a time (default
-    ``evaluate.default_chunk_size`` of the device) and evaluated by ``evaluate_points`` with that
-    ``chunk_size`` (``None``: its ``auto_chunk_size``). With ``recompute_bn`` (BatchNorm models)
+    ``evaluate.default_chunk_size`` of the device) and evaluated (and their BatchNorm statistics
+    recomputed) with that ``chunk_size`` (``None``: ``evaluate.auto_chunk_size``). With ``recompute_bn`` (BatchNorm models)
     each point's running statistics are recomputed on ``x_bn`` (default: ``x``) first.
 
     Returns ``{"alphas": [G_a], "betas": [G_b], "loss": [G_a, G_b], "error": [G_a, G_b],
@@ -232,7 +232,8 @@ def plane_grid(
         pts = plane_points(on_dev, ab[s : s + chunk])
         if bn:
             pts = recompute_bn_stats_batched(
-                model, pts, x if x_bn is None else x_bn, batch_size=bn_batch_size, method=bn_method, chunk_size=chunk
+                model, pts, x if x_bn is None else x_bn, batch_size=bn_batch_size, method=bn_method,
+                chunk_size=chunk_size,
             )
         r = evaluate_points(model, pts, x, y, chunk_size=chunk_size, batch_size=batch_size, device=dev)
         losses.append(r.loss)

@@ -168,10 +168,12 @@ def train_many(
     return _fit(model, params_list, x, y, cfg, seeds, device, progress, batched=True)
 
 
-# ``choose_strategy`` on the CPU (bench/bench_train_many.py, K=4 MLPs 64-w-w-10, batch 128, 2 cores,
-# torch 2.13): vmap / sequential = 1.24x at w=32 (0.9 MFLOP per model and step), 1.11x at w=128 (6.6),
-# 1.05x at w=256 (22), 0.88x at w=512 (77): vmap pays up to ~30 MFLOP per model and step.
-_VMAP_MAX_STEP_FLOPS = 30e6
+# ``choose_strategy`` on the CPU (bench/bench_train_many.py, K=4 MLPs 64-w-w-10, batch 128, torch 2.13):
+# with 2 threads vmap / sequential = 1.34x at w=32 (0.9 MFLOP per model and step), 1.12x at w=128 (6.6),
+# 0.96-1.05x at w=256 (22), 0.76-0.88x at w=512 (77); with 1 thread 1.15x at w=16 (0.4), 0.97x at w=32,
+# 0.74-0.92x from w=64 on: batching K models pays where it gives the threads larger operations to share.
+_VMAP_MAX_STEP_FLOPS = {1: 0.6e6}  # by torch.get_num_threads(); 2 threads or more: the default below
+_VMAP_MAX_STEP_FLOPS_MANY_THREADS = 30e6
 
 
 def choose_strategy(
@@ -179,15 +181,16 @@ def choose_strategy(
     device: torch.device | str | None = None,
 ) -> str:
     """``train_many``'s ``"auto"``: ``"vmap"`` on CUDA; on the CPU ``"vmap"`` when one model's forward on a
-    minibatch costs < 30 MFLOP (``reference.cost.forward_cost`` × ``batch_size``) and runs no convolution
-    (vmapped convolutions are slow on the CPU), else ``"sequential"``. Depends on the architecture and
-    the config only, never on a timing."""
+    minibatch (``reference.cost.forward_cost`` × ``batch_size``) costs < 30 MFLOP with 2 or more torch
+    threads, < 0.6 MFLOP with 1, and runs no convolution (vmapped convolutions are slow on the CPU), else
+    ``"sequential"``. Depends on the architecture, the config and the thread count, never on a timing."""
     from .cost import forward_cost
 
     if resolve_device(device, point).type != "cpu":
         return "vmap"
     flops, conv = forward_cost(model, point, x)
-    return "sequential" if conv or flops * min(cfg.batch_size, x.shape[0]) >= _VMAP_MAX_STEP_FLOPS else "vmap"
+    limit = _VMAP_MAX_STEP_FLOPS.get(torch.get_num_threads(), _VMAP_MAX_STEP_FLOPS_MANY_THREADS)
+    return "sequential" if conv or flops * min(cfg.batch_size, x.shape[0]) >= limit else "vmap"
 
 
 def _fit(

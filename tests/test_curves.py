@@ -393,12 +393,13 @@ def test_bn_recompute_batched_equals_single() -> None:
     x, _ = data(40)
     st = c.points_at(torch.linspace(0, 1, 5, dtype=torch.float64))
     st0 = snapshot(st)
-    got = recompute_bn_stats_batched(model, st, x, batch_size=16, chunk_size=2)
-    assert_equal_params(st, st0)
-    for j, pj in enumerate(unstack(st)):
-        want = recompute_bn_stats(model, pj, x, batch_size=16)
-        for k in want:
-            torch.testing.assert_close(got[k][j], want[k], rtol=1e-10, atol=1e-12)
+    for chunk in (2, 1, None):  # vmapped, one point per call without vmap, the default (auto_chunk_size)
+        got = recompute_bn_stats_batched(model, st, x, batch_size=16, chunk_size=chunk)
+        assert_equal_params(st, st0)
+        for j, pj in enumerate(unstack(st)):
+            want = recompute_bn_stats(model, pj, x, batch_size=16)
+            for k in want:
+                torch.testing.assert_close(got[k][j], want[k], rtol=1e-10, atol=1e-12)
 
 
 def test_bn_recompute_without_batchnorm_is_a_copy() -> None:
