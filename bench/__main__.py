@@ -15,6 +15,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -29,10 +30,12 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "hvp": ("bench_hvp.py", ["--device", "{device}"], ["--device", "{device}", "--repeats", "1", "--k", "2", "--tiny"]),
     "curves": ("bench_curves.py", ["--devices", "{devices}"],
                ["--devices", "{devices}", "--n", "64", "--width", "8", "--epochs", "1", "--repeats", "1"]),
-    "train_many": ("bench_train_many.py", ["--device", "{device}"],
+    "train_many": ("bench_train_many.py",
+                   ["--device", "{device}", "--widths", "32", "128", "256", "512", "--repeats", "3"],
                    ["--device", "{device}", "--n", "64", "--width", "8", "--epochs", "1", "--repeats", "1",
                     "--k", "2"]),
-    "weight_matching": ("bench_weight_matching.py", [], ["--widths", "8", "--depth", "1", "--epochs", "1"]),
+    "weight_matching": ("bench_weight_matching.py", ["--device", "{device}"],
+                        ["--device", "{device}", "--tiny", "--repeats", "1"]),
 }
 
 
@@ -76,6 +79,51 @@ def run(names: list[str], device: str, tiny: bool) -> tuple[list[tuple[str, list
     return rows, ok
 
 
+NOT_MEASURED = (
+    "the suite's time by phase (`python -m repro.timing`, tables in `repro/results/TIMING.md`); anything on CUDA "
+    "(no GPU was lent to the sessions that wrote this file); a TF32 option and the first-layer-is-linear shortcut "
+    "for linear paths (not built)."
+)
+
+
+def parse_goals(out: str) -> list[tuple[str, str, str, str]]:
+    """``(goal, case, measured, verdict)`` of every line ``goal: GOAL [CASE]: MEASURED: VERDICT`` in ``out``."""
+    found = []
+    for line in out.splitlines():
+        m = re.match(r"goal: (.*?) \[(.*?)\]: (.*): (met|MISSED)$", line.strip())
+        if m:
+            found.append((m[1], m[2], m[3], m[4] if m[4] == "met" else "**missed**"))
+    return found
+
+
+def goals_table(rows) -> list[str]:
+    """The Markdown table of every goal line the benchmarks printed (none: an empty list)."""
+    goals = [g for _, _, out, _, _ in rows for g in parse_goals(out)]
+    if not goals:
+        return []
+    return ["| goal | case | measured | |", "|---|---|---|---|",
+            *(f"| {g} | {case} | {measured} | {verdict} |" for g, case, measured, verdict in goals)]
+
+
+README_START, README_END = "<!-- bench:goals:start -->", "<!-- bench:goals:end -->"
+
+
+def update_readme(path: Path, rows, stamp: str) -> bool:
+    """Replace the README's text between ``README_START`` and ``README_END`` by the goals table (with
+    ``stamp``: where and when it was measured); ``False`` (and nothing written) if the markers are missing."""
+    text = path.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    body = "\n".join([README_START, f"Written by `python -m bench` from `bench/RESULTS.md` ({stamp}).", "",
+                      *goals_table(rows), README_END])
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(head + body + tail)
+    tmp.replace(path)
+    return True
+
+
 def write(path: Path, rows, device: str, tiny: bool) -> None:
     lines = ["# Benchmark results", "",
              "Written by `python -m bench`" + (" --tiny (toy workloads: the numbers mean nothing)" if tiny else "")
@@ -83,6 +131,11 @@ def write(path: Path, rows, device: str, tiny: bool) -> None:
              "the seconds (these machines are noisy).", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
              f"- machine: {_machine()}", f"- device option: {device}", f"- commit: {_commit()}", ""]
+    goals = goals_table(rows)
+    if goals:
+        lines += ["## Goals", "", "Each line a benchmark printed as `goal: ...` (the ratio it measured and whether it "
+                  "meets the goal of issue #18):", "", *goals, ""]
+    lines += ["Not measured by these scripts: " + NOT_MEASURED, ""]
     for name, cmd, out, dt, rc in rows:
         status = "" if rc == 0 else f", **failed (exit {rc})**"
         lines += [f"## {name}", "", f"`{' '.join(cmd)}` — {dt:.0f} s{status}", "", "```", out, "```", ""]
@@ -110,6 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     if out is not None:
         write(out, rows, args.device, args.tiny)
         print(f"wrote {out}")
+    if args.out is None and not args.tiny:
+        import torch
+
+        stamp = (f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
+                 f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, commit {_commit()}")
+        if update_readme(ROOT / "README.md", rows, stamp):
+            print("updated the goals table in README.md")
+        else:
+            print(f"README.md has no {README_START} ... {README_END} markers: not updated", file=sys.stderr)
     return 0 if ok else 1
 
 

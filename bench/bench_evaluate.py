@@ -1,8 +1,9 @@
-"""Benchmark: a 25-point barrier evaluation as a plain loop vs the vmapped evaluator; weight matching.
+"""Benchmark: a 25-point barrier evaluation as a plain loop vs the evaluator's strategies and its default.
 
-Prints, measured side by side in one run (machines are noisy, so compare ratios, not seconds):
-- the loop (``load_state_dict`` + forward per point) vs ``evaluate_points`` at several chunk sizes;
-- the time of weight matching for the same architecture.
+Prints, measured side by side in one run, interleaved (machines are noisy, so compare ratios, not
+seconds): the loop (``load_state_dict`` + forward per point) vs ``evaluate_points`` with one point per
+call (no vmap), 5 and 25 points per vmapped call, and its default (``auto_chunk_size``), with the
+default's ratio to the best of the others (issue #18's goal: >= 0.95x).
 
     python bench/bench_evaluate.py [--device cpu|cuda|auto] [--repeats 5] [--tf32] [--tiny]
 """
@@ -10,22 +11,14 @@ Prints, measured side by side in one run (machines are noisy, so compare ratios,
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from harness import devices, random_task, time_calls, versions
 
 from reference.barrier import linear_path
-from reference.evaluate import evaluate_points
-from reference.matching import weight_matching
-from reference.models import MLP, init_params
-from reference.specs import spec_for
-
-
-def _time(fn, dev, repeats: int) -> float:
-    """Median seconds per call, after a warm-up call."""
-    return time_calls([fn], dev, repeats)[0]
+from reference.evaluate import auto_chunk_size, evaluate_points
+from reference.models import CNN1D, MLP, init_params
 
 
 @torch.no_grad()
@@ -38,28 +31,36 @@ def _loop(model, pts: dict, x, y) -> torch.Tensor:
     return out
 
 
-def bench_case(name: str, in_features: int, widths: list[int], n: int, dev: torch.device, repeats: int) -> None:
-    model = MLP(in_features, widths, 10).to(dev).eval()
+def bench_case(name: str, model: torch.nn.Module, shape: tuple[int, ...], n: int, dev: torch.device,
+               repeats: int) -> None:
+    model = model.to(dev).eval()
     a = {k: v.to(dev) for k, v in init_params(model, 0).items()}
     b = {k: v.to(dev) for k, v in init_params(model, 1).items()}
-    x, y = (t.to(dev) for t in random_task(n, (in_features,), 10, torch.Generator().manual_seed(0)))
+    x, y = (t.to(dev) for t in random_task(n, shape, 10, torch.Generator().manual_seed(0)))
     _, pts = linear_path(a, b, 25)
     pts = {k: v.to(dev) for k, v in pts.items()}
     ref = _loop(model, pts, x, y)
-    got = evaluate_points(model, pts, x, y, chunk_size=25, batch_size=n).loss
+    auto = auto_chunk_size(model, pts, x, n, dev)
+    got = evaluate_points(model, pts, x, y, batch_size=n).loss
     torch.testing.assert_close(got, ref.cpu(), rtol=1e-3, atol=1e-4)
-    t_loop = _time(lambda: _loop(model, pts, x, y), dev, repeats)
-    print(f"\n{name}: MLP {in_features}-{'-'.join(map(str, widths))}-10, 25 points × {n} inputs, {dev}")
-    print(f"  plain loop (load_state_dict + forward): {1e3 * t_loop:8.1f} ms   1.00×")
-    for chunk in (1, 5, 25):
-        t = _time(lambda c=chunk: evaluate_points(model, pts, x, y, chunk_size=c, batch_size=n), dev, repeats)
-        print(f"  vmapped evaluator, {chunk:2d} points/call:     {1e3 * t:8.1f} ms   {t_loop / t:.2f}× the loop")
-    spec = spec_for(model)
-    ac, bc = {k: v.cpu() for k, v in a.items()}, {k: v.cpu() for k, v in b.items()}
-    t0 = time.perf_counter()
-    r = weight_matching(spec, ac, bc, seed=0)
-    t_wm = time.perf_counter() - t0
-    print(f"  weight matching: {t_wm:.2f} s ({len(r.history) - 1} passes, objective {r.objective:.1f})")
+    names = ["plain loop (load_state_dict + forward)", "evaluate_points, 1 point/call (no vmap)",
+             "evaluate_points, vmap  5 points/call", "evaluate_points, vmap 25 points/call",
+             f"evaluate_points, default (auto: {auto})"]
+    fns = [lambda: _loop(model, pts, x, y)] + [
+        lambda c=c: evaluate_points(model, pts, x, y, chunk_size=c, batch_size=n) for c in (1, 5, 25, None)]
+    times = time_calls(fns, dev, repeats, stat=min)
+    print(f"\n{name}, 25 points x {n} inputs, {dev}, best of {repeats}")
+    for label, t in zip(names, times, strict=True):
+        print(f"  {label:<42} {1e3 * t:9.1f} ms   {times[0] / t:.2f}x the loop")
+    best = min(times[:-1])
+    print(f"  default / best strategy: {best / times[-1]:.2f}x (goal >= 0.95x); default / loop: "
+          f"{times[0] / times[-1]:.2f}x")
+    met = "met" if best / times[-1] >= 0.95 else "MISSED"
+    print(f"goal: evaluator default >= 0.95x the best strategy [{name}, {dev.type}]: {best / times[-1]:.2f}x: {met}")
+    if times[0] / min(times[2:4]) >= 1.2:  # vmap pays here
+        met = "met" if times[0] / times[-1] >= 1.2 else "MISSED"
+        print(f"goal: evaluator default >= 1.2x the loop where vmap pays [{name}, {dev.type}]: "
+              f"{times[0] / times[-1]:.2f}x: {met}")
 
 
 def main() -> None:
@@ -73,10 +74,13 @@ def main() -> None:
     print(versions())
     for dev in devices(args.device):
         if args.tiny:
-            bench_case("tiny", 16, [8], 32, dev, args.repeats)
+            bench_case("tiny: MLP 16-8-10", MLP(16, [8], 10), (16,), 32, dev, args.repeats)
             continue
-        bench_case("MNIST-sized", 784, [512, 512, 512], 10_000, dev, args.repeats)
-        bench_case("digits", 64, [128] * 4, 360, dev, args.repeats)
+        bench_case("MNIST-sized: MLP 784-512x3-10", MLP(784, [512] * 3, 10), (784,), 10_000, dev, args.repeats)
+        bench_case("digits: MLP 64-512x4-10", MLP(64, [512] * 4, 10), (64,), 1437, dev, args.repeats)
+        bench_case("digits: MLP 64-64x4-10", MLP(64, [64] * 4, 10), (64,), 1437, dev, args.repeats)
+        bench_case("digits: MLP 64-32x2-10", MLP(64, [32] * 2, 10), (64,), 1437, dev, args.repeats)
+        bench_case("MNIST-1D: CNN1D [32, 32, 32]", CNN1D(1, (32, 32, 32), 10), (1, 40), 4000, dev, args.repeats)
 
 
 if __name__ == "__main__":

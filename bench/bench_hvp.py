@@ -22,6 +22,10 @@ from reference.hessian import hvp, hvp_double_backward, hvp_reverse_over_reverse
 from reference.models import CNN1D, MLP, init_params
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def bench_case(name: str, model, x_shape: tuple[int, ...], n: int, dev: torch.device, dtype: torch.dtype,
                repeats: int, k: int) -> None:
     model = model.to(dev, dtype)
@@ -51,6 +55,9 @@ def bench_case(name: str, model, x_shape: tuple[int, ...], n: int, dev: torch.de
           f"double backward {t_f1 / t_d1:.2f}× as fast")
     print(f"  LossHessian, {k} HVPs (hvp_many): forward {1e3 * t_fk:8.2f} ms, double backward {1e3 * t_dk:8.2f} ms   "
           f"double backward {t_fk / t_dk:.2f}× as fast; hvp_mode='auto' takes {H.mode} on {dev.type}")
+    t_auto = t_dk if H.mode == "double-backward" else t_fk
+    print(f"goal: HVP mode 'auto' is the faster one [{name}, {dev.type}]: auto ({H.mode}) = "
+          f"{min(t_fk, t_dk) / t_auto:.2f}x the faster of the two: {_met(t_auto <= min(t_fk, t_dk) / 0.95)}")
     t_loop, t_many = time_calls([lambda: [H.hvp(V[i]) for i in range(k)], lambda: H.hvp_many(V)], dev, repeats)
     print(f"  {k} HVPs, one call each (LossHessian.hvp): {1e3 * t_loop:8.2f} ms = {1e3 * t_loop / k:.2f} ms/HVP")
     print(f"  {k} HVPs, one vmapped call (hvp_many):    {1e3 * t_many:8.2f} ms = {1e3 * t_many / k:.2f} ms/HVP   "
