@@ -193,8 +193,9 @@ def plane_grid(
     in (a, b) widened by ``margin`` × its extent on each side; ``alphas`` / ``betas`` replace an axis
     by explicit coordinates. The G_a · G_b points are built ``chunk_size`` at a time (default
     ``evaluate.default_chunk_size`` of the device) and evaluated (and their BatchNorm statistics
-    recomputed) with that ``chunk_size`` (``None``: ``evaluate.auto_chunk_size``). With ``recompute_bn`` (BatchNorm models)
-    each point's running statistics are recomputed on ``x_bn`` (default: ``x``) first.
+    recomputed) with that ``chunk_size`` (``None``: ``evaluate.auto_chunk_size``). With
+    ``recompute_bn`` (BatchNorm models) each point's running statistics are recomputed on ``x_bn``
+    (default: ``x``) first.
 
     Returns ``{"alphas": [G_a], "betas": [G_b], "loss": [G_a, G_b], "error": [G_a, G_b],
     "coords": [3, 2]`` (p₀, p₁, p₂ in the plane)``, "basis": PlaneBasis, "recompute_bn": bool}``;
