@@ -6,10 +6,12 @@ Both methods return P such that P(θ_b) is aligned to θ_a (``perm.apply(spec, p
 ``J(P) = Σ_k ⟨θ_a[k], P(θ_b)[k]⟩`` by coordinate descent: for one group g at a time, with every
 other group held fixed, J is linear in P_g, ``J = ⟨S_g, P_g⟩ + const`` with
 ``S_g[i, j] = Σ_{(k, ax) ∋ g} ⟨θ_a[k]_{ax=i}, P_{−g}(θ_b)[k]_{ax=j}⟩``, solved exactly by a linear
-assignment solver (``SOLVERS``, by name; the default ``"scipy"`` is
-``scipy.optimize.linear_sum_assignment``). Groups are visited in a random order each pass; passes
-stop when no group improves. J never decreases, and the result depends on the visiting order
-(measured in the README), so ``restarts`` runs several orders and keeps the best objective.
+assignment solver (``SOLVERS``, by name; weight matching's default ``"auto"`` is ``lap.lapjv`` when the
+package ``lap`` is installed, else ``"scipy"``, ``scipy.optimize.linear_sum_assignment``, the default of
+the other methods). Groups are visited in a random order each pass; passes stop when no group
+improves. J never decreases, and the result depends on the visiting order (measured in the README),
+so ``restarts`` runs several orders and keeps the best objective (``init="greedy"`` starts from a
+one-pass per-layer matching instead of the identity).
 The pieces of Algorithm 1 are public functions of this module, looked up at call time: the start
 (``starting_permutation``), each pass's order (``group_order``), ``P_{−g}(θ_b)`` (``permute_except``)
 and the assignment (``solve_lap`` with a ``Solver``).
