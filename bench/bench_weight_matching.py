@@ -25,6 +25,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -115,7 +116,7 @@ def main() -> None:
         b = {k: v.to(dev) for k, v in b.items()}
         spec = spec_for(model)
         j0 = weight_matching_objective(spec, a, b, Permutation.identity(spec))
-        runs: dict[str, tuple[callable, callable]] = {}
+        runs: dict[str, tuple[Callable[[], object], Callable[[object], tuple[float, int | None]]]] = {}
         if have_peer():
             m, xd = copy.deepcopy(model).to(dev), x.to(dev)
             runs["rebasin 0.0.47"] = (lambda m=m, a=a, b=b, x=xd: peer(m, a, b, x), lambda pb, a=a: (

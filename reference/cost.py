@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -32,8 +33,6 @@ def forward_cost(model: nn.Module, point: Mapping[str, Tensor], x: Tensor) -> tu
 
     key = (type(model).__qualname__, tuple((k, tuple(v.shape)) for k, v in point.items()), tuple(x.shape[1:]))
     if key not in _COST:
-        import torch
-
         dev = next(iter(model.parameters()), x).device
         one = {k: v.detach().to(dev) for k, v in point.items()}
         was = {n: m.training for n, m in model.named_modules()}

@@ -48,8 +48,8 @@ __all__ = [
     "all_metrics",
 ]
 
-# Points per vmapped call where nothing else decides (BatchNorm recomputation, ``bn.py``): on 2 CPU
-# cores a plain loop is as fast as vmap for large models, so CPU takes a few points per call; a GPU many.
+# Points per vmapped call on CUDA (``auto_chunk_size``; unmeasured by us), and points built at a time
+# where a caller builds them in chunks (``landscape.plane_grid``).
 _CHUNK = {"cpu": 8, "cuda": 64}
 
 # ``auto_chunk_size`` on the CPU (bench/bench_evaluate.py, 2 cores, torch 2.13): one point per call (no

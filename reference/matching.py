@@ -485,20 +485,17 @@ def _weight_matching_once(
     keys: Sequence[str],
     solve: Solver,
 ) -> MatchResult:
-    """One run of Algorithm 1 with order seed ``seed``. The pieces ``starting_permutation``,
-    ``group_order`` and ``permute_except`` are looked up in this module at call time."""
+    """One run of Algorithm 1 with order seed ``seed`` on ``a``, ``b``: every floating entry, in float64 (J
+    is over all of them, S_g over ``keys``). The pieces ``starting_permutation``, ``group_order`` and
+    ``permute_except`` are looked up in this module at call time."""
     rng = np.random.default_rng(seed)
     units = matching_units(spec)
     names = list(units)
     sizes = spec.sizes
     keyset = set(keys)
     deps = _dependencies(spec, units, keyset)
-    # cast once: every S_g reads them in float64, and J is over every floating entry (keys or not)
-    a64 = {k: a[k].double() for k in float_keys(a)}
-    b64 = {k: b[k].double() for k in a64}
-    similarity, objective = _Similarities(spec, a64, b64, keyset), _Objective(spec, a64, b64)
+    similarity, objective = _Similarities(spec, a, b, keyset), _Objective(spec, a, b)
     perm = starting_permutation(spec, init)
-    Permutation(perm, spec)  # checks that the start fits the spec
     version = dict.fromkeys(sizes, 0)  # bumped when a group's permutation changes
     history = [objective(perm, version)]
     solved_at: dict[str, tuple[int, ...]] = {}  # unit → its dependencies' versions when it was last solved
@@ -553,10 +550,13 @@ def greedy_permutation(
     ks = _objective_keys(params_a, keys)
     a = {k: params_a[k].double() for k in ks}
     b = {k: params_b[k].double() for k in ks}
-    return _greedy(spec, a, b, _Similarities(spec, a, b, set(ks)), _resolve_solver(solver))
+    return _greedy(spec, a, b, ks, _resolve_solver(solver))
 
 
-def _greedy(spec: PermutationSpec, a, b, similarity: _Similarities, solve: Solver) -> Permutation:
+def _greedy(spec: PermutationSpec, a: Mapping[str, Tensor], b: Mapping[str, Tensor], keys: Sequence[str],
+            solve: Solver) -> Permutation:
+    """``greedy_permutation`` on float64 entries, checked by the caller."""
+    similarity = _Similarities(spec, a, b, set(keys))
     perm = starting_permutation(spec, None)
     version = dict.fromkeys(spec.sizes, 0)
     known: set[str] = set()
@@ -619,14 +619,15 @@ def weight_matching(
     max_passes = integer("max_passes", max_passes, 1)
     solve = _resolve_solver(solver)
     ks = _objective_keys(params_a, keys)
+    # cast once for every restart: S_g reads them in float64, and J is over every floating entry (keys or not)
+    a64 = {k: params_a[k].double() for k in float_keys(params_a)}
+    b64 = {k: params_b[k].double() for k in a64}
     if isinstance(init, str):
         choice("init", init, ("identity", "greedy"))
-        init = greedy_permutation(spec, params_a, params_b, keys=ks, solver=solve) if init == "greedy" else None
+        init = _greedy(spec, a64, b64, ks, solve) if init == "greedy" else None
     elif init is not None and not isinstance(init, Permutation):
         raise ArgumentTypeError(f"init must be 'identity', 'greedy', a Permutation or None, got {type(init).__name__}")
-    runs = [
-        _weight_matching_once(spec, params_a, params_b, seed + r, max_passes, init, ks, solve) for r in range(restarts)
-    ]
+    runs = [_weight_matching_once(spec, a64, b64, seed + r, max_passes, init, ks, solve) for r in range(restarts)]
     best = max(runs, key=lambda r: r.objective)
     if restarts == 1:
         return best

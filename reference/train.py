@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from .cost import forward_cost
 from .fit import (
     Batch,
     check_data,
@@ -156,8 +157,7 @@ def train_many(
     if strategy == "auto":
         strategy = "sequential" if cumulative else choose_strategy(model, params_list[0], x, cfg, device)
     if strategy == "sequential":
-        return [_fit(model, [p], x, y, cfg, [s], device, progress, batched=False)[0]
-                for p, s in zip(params_list, seeds, strict=True)]
+        return [train(model, p, x, y, cfg, s, device, progress) for p, s in zip(params_list, seeds, strict=True)]
     if cumulative:
         mod = model.get_submodule(cumulative[0])
         raise ValueError(
@@ -172,8 +172,8 @@ def train_many(
 # with 2 threads vmap / sequential = 1.34x at w=32 (0.9 MFLOP per model and step), 1.12x at w=128 (6.6),
 # 0.96-1.05x at w=256 (22), 0.76-0.88x at w=512 (77); with 1 thread 1.15x at w=16 (0.4), 0.97x at w=32,
 # 0.74-0.92x from w=64 on: batching K models pays where it gives the threads larger operations to share.
-_VMAP_MAX_STEP_FLOPS = {1: 0.6e6}  # by torch.get_num_threads(); 2 threads or more: the default below
-_VMAP_MAX_STEP_FLOPS_MANY_THREADS = 30e6
+_VMAP_MAX_STEP_FLOPS = 30e6  # 2 or more torch threads
+_VMAP_MAX_STEP_FLOPS_ONE_THREAD = 0.6e6
 
 
 def choose_strategy(
@@ -184,12 +184,10 @@ def choose_strategy(
     minibatch (``reference.cost.forward_cost`` × ``batch_size``) costs < 30 MFLOP with 2 or more torch
     threads, < 0.6 MFLOP with 1, and runs no convolution (vmapped convolutions are slow on the CPU), else
     ``"sequential"``. Depends on the architecture, the config and the thread count, never on a timing."""
-    from .cost import forward_cost
-
     if resolve_device(device, point).type != "cpu":
         return "vmap"
     flops, conv = forward_cost(model, point, x)
-    limit = _VMAP_MAX_STEP_FLOPS.get(torch.get_num_threads(), _VMAP_MAX_STEP_FLOPS_MANY_THREADS)
+    limit = _VMAP_MAX_STEP_FLOPS_ONE_THREAD if torch.get_num_threads() == 1 else _VMAP_MAX_STEP_FLOPS
     return "sequential" if conv or flops * min(cfg.batch_size, x.shape[0]) >= limit else "vmap"
 
 
