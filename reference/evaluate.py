@@ -27,7 +27,6 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
@@ -54,10 +53,11 @@ _CHUNK = {"cpu": 8, "cuda": 64}
 
 # ``auto_chunk_size`` on the CPU (bench/bench_evaluate.py, 2 cores, torch 2.13): one point per call (no
 # vmap) beat every vmapped chunk for MLPs from ~170 MFLOP per point and batch up (vmap: 0.5-0.9x) and
-# for every CNN1D (vmap of a convolution: 0.1-0.45x); around 40-50 MFLOP it depends on the threads (2:
-# vmap 0.8-1.1x, 1: 0.75-0.97x), and at ~10 MFLOP 25 points per vmapped call won (1.1-1.3x the loop:
-# the per-call overhead dominates).
-_VMAP_MAX_FLOPS = 30e6
+# for every CNN1D (vmap of a convolution: 0.1-0.45x). Below that the crossover depends on the threads:
+# digits MLPs 64-w×4-10 on 1437 inputs, 25 points, vmap / loop = 0.99x at 30 MFLOP (w=48), 0.86x at 49
+# and 0.80x at 100 with 1 thread; 1.16x at 30, 1.04x at 49, 0.66x at 100 with 2 threads.
+_VMAP_MAX_FLOPS = 60e6  # 2 or more torch threads
+_VMAP_MAX_FLOPS_ONE_THREAD = 30e6
 _VMAP_CHUNK = 25
 
 
@@ -70,13 +70,15 @@ def auto_chunk_size(
 ) -> int:
     """Points per call when ``chunk_size`` is not given: on CUDA ``default_chunk_size`` (many points per
     vmapped call); on the CPU 1 (a plain loop over the points, no vmap) unless one point's forward on
-    a batch is cheap (< 30 MFLOP, no convolution), then 25 per vmapped call. Chosen from the architecture
-    and the batch alone, so the same call always takes the same path (and gives the same floats)."""
+    a batch is cheap (no convolution, < 60 MFLOP with 2 or more torch threads, < 30 MFLOP with 1), then
+    25 per vmapped call. Chosen from the architecture, the batch and the thread count alone, so the same
+    call on the same machine always takes the same path (and gives the same floats)."""
     dev = torch.device(device)
     if dev.type != "cpu":
         return default_chunk_size(dev)
     flops, conv = forward_cost(model, {k: v[0] for k, v in stacked.items()}, x)
-    if conv or flops * min(batch_size, x.shape[0]) >= _VMAP_MAX_FLOPS:
+    limit = _VMAP_MAX_FLOPS_ONE_THREAD if torch.get_num_threads() == 1 else _VMAP_MAX_FLOPS
+    if conv or flops * min(batch_size, x.shape[0]) >= limit:
         return 1
     return _VMAP_CHUNK
 
@@ -103,15 +105,21 @@ def _chunked_logits(
     model.to(dev)
     if chunk == 1:  # one point per call: the plain forward, without vmap's batching of every op
         def fv(p: Mapping[str, Tensor], xb: Tensor) -> Tensor:
-            return functional_call(model, {k: v[0] for k, v in p.items()}, (xb,)).unsqueeze(0)
+            return functional_call(model, p, (xb,)).unsqueeze(0)
+
+        def part_at(s: int) -> dict[str, Tensor]:
+            return {k: v[s].to(dev) for k, v in stacked.items()}
     else:
         fv = vmap(lambda p, xb: functional_call(model, p, (xb,)), in_dims=(0, None))
+
+        def part_at(s: int) -> dict[str, Tensor]:
+            return {k: v[s : s + chunk].to(dev) for k, v in stacked.items()}
     try:
         for s in range(0, K, chunk):
-            part = {k: v[s : s + chunk].to(dev) for k, v in stacked.items()}
+            part = part_at(s)
             if train_mode:  # BatchNorm would update the running statistics of the caller's tensors
                 part = {k: v.clone() for k, v in part.items()}
-            k_here = next(iter(part.values())).shape[0]
+            k_here = min(chunk, K - s)
             for b in range(0, x.shape[0], batch_size):
                 yield s, k_here, b, fv(part, x[b : b + batch_size].to(dev))
     finally:
@@ -170,19 +178,41 @@ def evaluate_points(
     logit on any input gets NaN loss and NaN error (module docstring).
     """
     K = validate.leading_size(stacked)
+    N = x.shape[0]
+    parts: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
+    for s, k, b, logits in _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device):
+        parts.append((s, k, *_batch_metrics(logits, y[b : b + batch_size].to(logits.device))))
     loss = torch.zeros(K, dtype=torch.float64)
     wrong = torch.zeros(K, dtype=torch.float64)
     broken = torch.zeros(K, dtype=torch.bool)
-    N = x.shape[0]
-    for s, k, b, logits in _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device):
-        yb = y[b : b + batch_size].to(logits.device)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), yb.repeat(k), reduction="none")
-        loss[s : s + k] += ce.view(k, -1).sum(1).double().cpu()
-        wrong[s : s + k] += (logits.argmax(-1) != yb).sum(1).double().cpu()
-        broken[s : s + k] |= ~torch.isfinite(logits).reshape(k, -1).all(1).cpu()
+    for s, k, ce, miss, bad in parts:  # one host transfer per batch, after all the forward passes
+        loss[s : s + k] += ce.double().cpu()
+        wrong[s : s + k] += miss.double().cpu()
+        broken[s : s + k] |= bad.cpu()
     nan = torch.tensor(float("nan"), dtype=torch.float64)
     loss, wrong = torch.where(broken, nan, loss), torch.where(broken, nan, wrong)
     return PointMetrics(loss=(loss / N).float(), error=(wrong / N).float())
+
+
+def _batch_metrics(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per point of ``logits [k, B, C]`` (labels ``y [B]``): the summed cross-entropy (float32), the
+    number of wrong argmax predictions, and whether any logit is NaN or infinite; each ``[k]``.
+
+    The cross-entropy is computed as ``F.cross_entropy`` does (shift by the row maximum, log-sum-exp,
+    minus the label's logit, in float32), written out so that the row maximum serves both the shift and
+    the prediction: 3x faster than ``cross_entropy`` + ``argmax`` on 10 classes on the CPU, where the
+    per-row reductions of ``log_softmax`` over a short last dimension dominate a small model's
+    evaluation (bench/bench_evaluate.py). Equal to ``cross_entropy`` up to float rounding; the argmax
+    is the same (the first maximal index).
+    """
+    logits = logits.float()
+    top, pred = logits.max(-1)  # [k, B]
+    lse = top + (logits - top.unsqueeze(-1)).exp().sum(-1).log()
+    picked = logits.gather(-1, y.view(1, -1, 1).expand(logits.shape[0], -1, 1)).squeeze(-1)
+    ce = (lse - picked).sum(-1)
+    miss = (pred != y).sum(-1)
+    bad = ~torch.isfinite(logits).flatten(1).all(1)
+    return ce, miss, bad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -248,3 +248,29 @@ def test_evaluation_argument_checks():
         linear_path(a, a, 1)
     with pytest.raises(TypeError, match="recompute_bn must be True or False"):
         evaluate_path(model, torch.tensor([0.0, 1.0]), pts, {"train": (x, y)}, recompute_bn="yes")
+
+
+# --- the evaluator's per-batch metrics equal cross_entropy and argmax ------------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+def test_batch_metrics_equal_cross_entropy_and_argmax(scale):
+    """``evaluate_points`` sums the cross-entropy and counts the errors from one row maximum and one
+    log-sum-exp: equal to ``F.cross_entropy`` up to float rounding, and the same argmax (the first
+    maximal index on ties, which the rounded logits below create)."""
+    import torch.nn.functional as F
+
+    from reference.evaluate import _batch_metrics
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(3, 200, 10, generator=g) * scale).round()  # many ties
+    y = torch.randint(0, 10, (200,), generator=g)
+    ce, miss, bad = _batch_metrics(logits, y)
+    ref = torch.stack([F.cross_entropy(l, y, reduction="sum") for l in logits])
+    torch.testing.assert_close(ce, ref, rtol=1e-5, atol=1e-3)
+    assert torch.equal(miss, (logits.argmax(-1) != y).sum(-1))
+    assert not bool(bad.any())
+    for value in (float("nan"), float("inf"), -float("inf")):
+        broken = logits.clone()
+        broken[1, 7, 3] = value
+        assert _batch_metrics(broken, y)[2].tolist() == [False, True, False]
