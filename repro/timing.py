@@ -302,15 +302,18 @@ class TargetTiming:
 
 
 def time_target(t: Target, size: str = "quick", *, cache_dir: Path | None = None, device: str = "auto",
-                overrides: Sequence[tuple[str, str]] = ()) -> TargetTiming:
+                overrides: Sequence[tuple[str, str]] = (), outputs: Path | None = None) -> TargetTiming:
     """Run ``t`` at ``size`` through the runner in this process (``local`` executor, no progress bars, its
-    log on stderr) with every phase timed. Outputs go to a temporary folder; the cache is ``cache_dir``, or a
-    fresh temporary one (so every endpoint is trained). Raises what :func:`run_target` raises."""
+    log on stderr) with every phase timed. Outputs go to ``outputs`` (the runner's ``--out``: the target's
+    folders are written under it, to compare with ``python -m repro report A B``) or to a temporary folder
+    that is removed; the cache is ``cache_dir``, or a fresh temporary one (so every endpoint is trained).
+    Raises what :func:`run_target` raises."""
     dev = pick_device(device)
     timer = PhaseTimer(sync=torch.cuda.synchronize if dev.type == "cuda" else None)
     timed_target = dataclasses.replace(t, report=timer.timed("report", t.report))
     with tempfile.TemporaryDirectory(prefix="modeconn-timing-") as tmp:
-        opts = RunOptions(size=size, overrides=overrides, device=device, out=Path(tmp) / "out",
+        opts = RunOptions(size=size, overrides=overrides, device=device,
+                          out=outputs if outputs is not None else Path(tmp) / "out",
                           cache_dir=cache_dir if cache_dir is not None else Path(tmp) / "cache", executor="local",
                           progress=False)
         with instrumented(timer), contextlib.redirect_stdout(sys.stderr):
@@ -417,6 +420,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="also write the table to this Markdown file")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="the runner's cache (default: a fresh temporary one per target, so nothing is cached)")
+    p.add_argument("--outputs", type=Path, default=None, metavar="DIR",
+                   help="keep the targets' outputs under DIR (as `repro run --out`; default: a temporary folder, "
+                        "removed), e.g. to compare them with the committed ones: `python -m repro report "
+                        "repro/results DIR`")
     p.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"), help="as `repro run` (default: auto)")
     p.add_argument("--threads", type=int, default=None,
                    help=f"torch intra-op threads during the runs (default: torch's, {torch.get_num_threads()} here); "
@@ -437,9 +444,10 @@ def _emit(text: str, out: Path | None) -> None:
 
 
 def _from_provenance(args: argparse.Namespace) -> int:
-    if any(v is not None for v in (args.size, args.cache_dir, args.device, args.threads)) or args.overrides:
-        print("error: --from-provenance runs nothing: --size, --cache-dir, --device, --threads and --set do not "
-              "apply", file=sys.stderr)
+    if any(v is not None for v in (args.size, args.cache_dir, args.outputs, args.device, args.threads)) \
+            or args.overrides:
+        print("error: --from-provenance runs nothing: --size, --cache-dir, --outputs, --device, --threads and --set "
+              "do not apply", file=sys.stderr)
         return 2
     try:
         records = read_provenance(args.from_provenance)
@@ -459,13 +467,14 @@ def _from_provenance(args: argparse.Namespace) -> int:
 
 
 def _time_all(targets: Sequence[Target], size: str, device: str, cache_dir: Path | None,
-              overrides: Sequence[tuple[str, str]]) -> tuple[list[TargetTiming], list[str]]:
+              overrides: Sequence[tuple[str, str]], outputs: Path | None = None
+              ) -> tuple[list[TargetTiming], list[str]]:
     """Time each target in turn, a line per target on stderr; ``(timings, names of the targets that failed)``."""
     timings, failed = [], []
     for t in targets:
         print(f"timing {t.name} (size {size}) ...", file=sys.stderr, flush=True)
         try:
-            timing = time_target(t, size, cache_dir=cache_dir, device=device, overrides=overrides)
+            timing = time_target(t, size, cache_dir=cache_dir, device=device, overrides=overrides, outputs=outputs)
         except (ValueError, FileNotFoundError, OutputError, TypeError) as e:
             print(f"error: {t.name}: {e}", file=sys.stderr)
             failed.append(t.name)
@@ -496,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.threads is not None:
             torch.set_num_threads(args.threads)
-        timings, failed = _time_all(targets, size, device, args.cache_dir, overrides)
+        timings, failed = _time_all(targets, size, device, args.cache_dir, overrides, args.outputs)
         _emit(timing_table(timings, size=size, device=device, cache_dir=args.cache_dir, overrides=overrides,
                            failed=failed), args.out)
     finally:

@@ -157,7 +157,8 @@ def _seconds(cell: str) -> float:
 
 def test_end_to_end_one_small_target(tmp_path, monkeypatch, capsys):
     """benton2021-simplexes at quick size, epochs cut down: phases plus other add up to the total, training
-    is charged, the outputs go to temporary folders (removed), and nothing stays patched."""
+    is charged, the outputs go where --outputs says (the temporary folders are removed), and nothing stays
+    patched."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the run's temporary output folder
     committed = RESULTS / "benton2021-simplexes" / "provenance.json"
     stamp = committed.stat().st_mtime_ns if committed.exists() else None
@@ -165,9 +166,11 @@ def test_end_to_end_one_small_target(tmp_path, monkeypatch, capsys):
     out = tmp_path / "timing.md"
     rc = timing.main(["--targets", "benton2021-simplexes", "--size", "quick", "--cache-dir", str(tmp_path / "cache"),
                       "--threads", "1", "--set", "train.epochs=3", "--set", "vertex_train.epochs=1",
-                      "--out", str(out)])
+                      "--out", str(out), "--outputs", str(tmp_path / "outputs")])
     assert rc == 0
     table = out.read_text()
+    kept = json.loads((tmp_path / "outputs" / "benton2021-simplexes" / "provenance.json").read_text())
+    assert kept["size"] == "quick" and kept["target"] == "benton2021-simplexes"
     assert table == capsys.readouterr().out
     row, total = _row(table, "benton2021-simplexes"), _row(table, "**total**")
     phases = {p: _seconds(row[p]) for p in timing.PHASE_NAMES}
