@@ -81,8 +81,7 @@ def run(names: list[str], device: str, tiny: bool) -> tuple[list[tuple[str, list
 
 NOT_MEASURED = (
     "the suite's time by phase (`python -m repro.timing`, tables in `repro/results/TIMING.md`); anything on CUDA "
-    "(no GPU was lent to the sessions that wrote this file); a TF32 option and the first-layer-is-linear shortcut "
-    "for linear paths (not built)."
+    "(no GPU was lent to the sessions that wrote this file); a TF32 option (not built)."
 )
 
 

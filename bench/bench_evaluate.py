@@ -1,4 +1,5 @@
-"""Benchmark: a 25-point barrier evaluation as a plain loop vs the evaluator's strategies and its default.
+"""Benchmark: a 25-point barrier evaluation as a plain loop vs the evaluator's strategies and its default;
+and a linear path evaluated plainly vs with the first layer's outputs combined from the endpoints'.
 
 Prints, measured side by side in one run, interleaved (machines are noisy, so compare ratios, not
 seconds): the loop (``load_state_dict`` + forward per point) vs ``evaluate_points`` with one point per
@@ -16,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from harness import devices, random_task, time_calls, versions
 
-from reference.barrier import linear_path
+from reference.barrier import evaluate_linear_path, evaluate_path, linear_path
+from reference.combinations import first_layer
 from reference.evaluate import auto_chunk_size, evaluate_points
 from reference.models import CNN1D, MLP, init_params
 
@@ -63,6 +65,39 @@ def bench_case(name: str, model: torch.nn.Module, shape: tuple[int, ...], n: int
               f"{times[0] / times[-1]:.2f}x: {met}")
 
 
+def bench_first_layer(name: str, model: torch.nn.Module, shape: tuple[int, ...], n: int, dev: torch.device,
+                      repeats: int) -> None:
+    """A 25-point linear path on one split: the combined points evaluated plainly vs the first layer's outputs
+    combined from the endpoints' (``reference.combinations``) vs ``evaluate_linear_path``'s default."""
+    model = model.to(dev).eval()
+    a = {k: v.to(dev) for k, v in init_params(model, 0).items()}
+    b = {k: v.to(dev) for k, v in init_params(model, 1).items()}
+    x, y = (t.to(dev) for t in random_task(n, shape, 10, torch.Generator().manual_seed(0)))
+    split = {"train": (x, y)}
+    layer = first_layer(model, a, x)
+
+    def plain():
+        t, pts = linear_path(a, b, 25)
+        return evaluate_path(model, t, pts, split)
+
+    ref = plain().curves["train"]["loss"]
+    got = evaluate_linear_path(model, a, b, 25, split, first_layer_shortcut=True).curves["train"]["loss"]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    names = ["linear_path + evaluate_path (plain)", "evaluate_linear_path, shortcut on",
+             "evaluate_linear_path, default (auto)"]
+    fns = [plain, lambda: evaluate_linear_path(model, a, b, 25, split, first_layer_shortcut=True),
+           lambda: evaluate_linear_path(model, a, b, 25, split)]
+    times = time_calls(fns, dev, repeats, stat=min)
+    print(f"\nfirst layer linear in theta: {name}, 25 points x {n} inputs, {dev}, best of {repeats}; first layer "
+          f"{layer.name}: {100 * layer.share:.0f}% of the forward FLOPs")
+    for label, t in zip(names, times, strict=True):
+        print(f"  {label:<42} {1e3 * t:9.1f} ms   {times[0] / t:.2f}x plain")
+    best = min(times[:-1])
+    met = "met" if best / times[-1] >= 0.95 else "MISSED"
+    print(f"goal: linear-path default >= 0.95x the better of plain and first-layer shortcut [{name}, {dev.type}]: "
+          f"{best / times[-1]:.2f}x ({times[0] / times[-1]:.2f}x plain): {met}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -75,12 +110,16 @@ def main() -> None:
     for dev in devices(args.device):
         if args.tiny:
             bench_case("tiny: MLP 16-8-10", MLP(16, [8], 10), (16,), 32, dev, args.repeats)
+            bench_first_layer("tiny: MLP 16-8-10", MLP(16, [8], 10), (16,), 32, dev, args.repeats)
             continue
         bench_case("MNIST-sized: MLP 784-512x3-10", MLP(784, [512] * 3, 10), (784,), 10_000, dev, args.repeats)
         bench_case("digits: MLP 64-512x4-10", MLP(64, [512] * 4, 10), (64,), 1437, dev, args.repeats)
         bench_case("digits: MLP 64-64x4-10", MLP(64, [64] * 4, 10), (64,), 1437, dev, args.repeats)
         bench_case("digits: MLP 64-32x2-10", MLP(64, [32] * 2, 10), (64,), 1437, dev, args.repeats)
         bench_case("MNIST-1D: CNN1D [32, 32, 32]", CNN1D(1, (32, 32, 32), 10), (1, 40), 4000, dev, args.repeats)
+        bench_first_layer("MNIST-sized: MLP 784-512x3-10", MLP(784, [512] * 3, 10), (784,), 10_000, dev, args.repeats)
+        bench_first_layer("MNIST-sized: MLP 784-128x2-10", MLP(784, [128] * 2, 10), (784,), 10_000, dev, args.repeats)
+        bench_first_layer("digits: MLP 64-512x4-10", MLP(64, [512] * 4, 10), (64,), 1437, dev, args.repeats)
 
 
 if __name__ == "__main__":

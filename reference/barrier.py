@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from . import validate
 from .bn import has_batchnorm, recompute_bn_stats_batched
+from .combinations import evaluate_combinations
 from .evaluate import evaluate_points
 from .params import combine_batch
 
@@ -33,6 +34,7 @@ __all__ = [
     "Barrier",
     "barrier",
     "barrier_lower_bound",
+    "evaluate_linear_path",
     "PathEval",
     "linear_path",
     "evaluate_path",
@@ -164,3 +166,31 @@ def evaluate_path(
         m = evaluate_points(model, stacked, x, y, **eval_kwargs)
         curves[name] = {"loss": m.loss, "error": m.error}
     return PathEval(t=torch.as_tensor(t, dtype=torch.float64), curves=curves)
+
+
+def evaluate_linear_path(
+    model: nn.Module,
+    a: Mapping[str, Tensor],
+    b: Mapping[str, Tensor],
+    num_points: int,
+    splits: Mapping[str, tuple[Tensor, Tensor]],
+    *,
+    first_layer_shortcut: bool | str = "auto",
+    **eval_kwargs,
+) -> PathEval:
+    """``evaluate_path`` of ``linear_path(a, b, num_points)`` on every split, without BatchNorm
+    recomputation, each split by ``reference.combinations.evaluate_combinations``: where the first layer
+    is linear in θ and ``first_layer_shortcut`` says so (default ``"auto"``: where it pays), the points'
+    first-layer outputs are combined from the two endpoints' (equal up to float rounding).
+    ``eval_kwargs``: ``chunk_size``, ``batch_size``, ``device``."""
+    if not splits:
+        raise ValueError("splits is empty: give at least one (x, y) split to evaluate on")
+    num_points = validate.integer("num_points", num_points, minimum=2)
+    t = torch.linspace(0, 1, num_points, dtype=torch.float64)  # as linear_path
+    coeffs = torch.stack([1 - t, t], dim=1)
+    curves = {}
+    for name, (x, y) in splits.items():
+        m = evaluate_combinations(model, coeffs, [a, b], x, y, first_layer_shortcut=first_layer_shortcut,
+                                  **eval_kwargs)
+        curves[name] = {"loss": m.loss, "error": m.error}
+    return PathEval(t=t, curves=curves)

@@ -23,7 +23,7 @@ metric of a probability matrix holding a non-finite value is NaN likewise.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +39,7 @@ __all__ = [
     "auto_chunk_size",
     "predict_logits",
     "evaluate_points",
+    "metrics_of_chunks",
     "accuracy",
     "nll",
     "ece",
@@ -177,10 +178,18 @@ def evaluate_points(
     Reduces per data batch, so memory is O(chunk · batch) whatever N is. A point with a non-finite
     logit on any input gets NaN loss and NaN error (module docstring).
     """
-    K = validate.leading_size(stacked)
-    N = x.shape[0]
+    chunks = _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device)
+    return metrics_of_chunks(chunks, validate.leading_size(stacked), x.shape[0], y, batch_size)
+
+
+def metrics_of_chunks(
+    chunks: Iterable[tuple[int, int, int, Tensor]], K: int, N: int, y: Tensor, batch_size: int
+) -> PointMetrics:
+    """``PointMetrics`` of K points on N inputs from their logits, given in chunks ``(first point, points in
+    the chunk, first input, logits [k, B, C])`` of ``batch_size`` inputs (the labels of a chunk are
+    ``y[first input : first input + batch_size]``), in any order: each (point, input batch) once."""
     parts: list[tuple[int, int, Tensor, Tensor, Tensor]] = []
-    for s, k, b, logits in _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device):
+    for s, k, b, logits in chunks:
         parts.append((s, k, *_batch_metrics(logits, y[b : b + batch_size].to(logits.device))))
     loss = torch.zeros(K, dtype=torch.float64)
     wrong = torch.zeros(K, dtype=torch.float64)

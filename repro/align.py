@@ -709,7 +709,7 @@ def _check_runs(model: nn.Module, a: Mapping[str, Tensor], data) -> None:
 
 def _execute(job: _Job) -> bool:
     """Matching, the function check, both paths and the output set; returns the function check's verdict."""
-    from reference.barrier import evaluate_path, linear_path
+    from reference.barrier import evaluate_linear_path, evaluate_path, linear_path
     from reference.bn import has_batchnorm
     from reference.checkpoint import atomic_write_bytes
     from reference.evaluate import predict_logits
@@ -761,18 +761,12 @@ def _execute(job: _Job) -> bool:
     bn_x = data.x_train[:BN_RESET_EXAMPLES]
     paths = {}
     for name, end in (("aligned", pb), ("naive", b)):
+        if not bn:  # the first layer's outputs combined from the endpoints' where that pays
+            paths[name] = evaluate_linear_path(model, a, end, args.grid, splits, batch_size=args.batch_size, device=dev)
+            continue
         t, pts = linear_path(a, end, args.grid)
-        paths[name] = evaluate_path(
-            model,
-            t,
-            pts,
-            splits,
-            recompute_bn=bn,
-            bn_x=bn_x,
-            bn_batch_size=BN_RESET_BATCH,
-            batch_size=args.batch_size,
-            device=dev,
-        )
+        paths[name] = evaluate_path(model, t, pts, splits, recompute_bn=True, bn_x=bn_x, bn_batch_size=BN_RESET_BATCH,
+                                    batch_size=args.batch_size, device=dev)
     barriers = {
         n: {f"{x.split}_{x.metric}_{x.kind}": {"value": x.value, "t_max": x.t_max} for x in pe.barriers()}
         for n, pe in paths.items()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from reference.barrier import BARRIER_KINDS, evaluate_path, linear_path
+from reference.barrier import BARRIER_KINDS, evaluate_linear_path, linear_path
 from reference.evaluate import evaluate_points
 from reference.matching import activation_matching, weight_matching
 from reference.params import stack
@@ -81,8 +81,7 @@ def pair_job(args: PairArgs, ctx: JobContext) -> dict:
     aligned = {"naive": pb, "weight": wm.perm.apply(spec, pb), "activation": am.perm.apply(spec, pb)}
     out: dict = {"methods": {}, "timing_s": {"weight_matching": t_wm, "activation_matching": t_am}}
     for name, b in aligned.items():
-        t, pts = linear_path(pa, b, args.grid)
-        pe = evaluate_path(model, t, pts, splits)
+        pe = evaluate_linear_path(model, pa, b, args.grid, splits)
         out["methods"][name] = {
             "t": pe.t.tolist(),
             "curves": {s: {m: v.tolist() for m, v in per.items()} for s, per in pe.curves.items()},
@@ -93,8 +92,8 @@ def pair_job(args: PairArgs, ctx: JobContext) -> dict:
     ends = evaluate_points(model, stack([pa, pb]), data.x_train, data.y_train).loss
     mids = []
     for r in restarts:
-        t, pts = linear_path(pa, r.perm.apply(spec, pb), args.grid)
-        loss = evaluate_points(model, pts, data.x_train, data.y_train).loss
+        pe = evaluate_linear_path(model, pa, r.perm.apply(spec, pb), args.grid, {"train": splits["train"]})
+        loss = pe.curves["train"]["loss"]
         mids.append(float(loss.max() - 0.5 * (ends[0] + ends[1])))
     out["wm_restarts"] = [
         {"order_seed": r.seed, "objective": r.objective, "passes": len(r.history) - 1, "train_loss_mid": b}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from reference.barrier import evaluate_path, linear_path
+from reference.barrier import evaluate_linear_path
 from reference.evaluate import predict_logits
 from reference.matching import weight_matching
 from reference.merge import merge_many
@@ -103,8 +103,7 @@ def sweep_cell(args: CellArgs, ctx: JobContext) -> dict:
     wm = weight_matching(spec, a, b, seed=seed)
     out: dict = {"pcd": {}, "merge": []}
     for name, end in (("model_b", b), ("model_b_rebasin", wm.perm.apply(spec, b))):
-        t, pts = linear_path(a, end, args.grid)
-        pe = evaluate_path(model, t, pts, splits)
+        pe = evaluate_linear_path(model, a, end, args.grid, splits)
         out["pcd"][name] = {"t": pe.t.tolist(), "test_loss": pe.curves["test"]["loss"].tolist(),
                             "test_error": pe.curves["test"]["error"].tolist(),
                             "train_loss": pe.curves["train"]["loss"].tolist(), "barriers": pe.barrier_table()}

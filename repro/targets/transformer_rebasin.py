@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from reference import validate
-from reference.barrier import BARRIER_KINDS, evaluate_path, linear_path
+from reference.barrier import BARRIER_KINDS, evaluate_linear_path
 from reference.fit import module_mode
 from reference.matching import activation_matching, ste_matching, weight_matching
 from reference.models import init_params
@@ -329,8 +329,7 @@ def measure_pair(
     out: dict = {"methods": {}, "timing_s": timing, "wm_objective": wm.objective, "ste_best_step": ste.best_step}
     for name, (sp, perm) in perms.items():
         b = perm.apply(sp, pb)
-        t, pts = linear_path(pa, b, s.grid)
-        pe = evaluate_path(model, t, pts, splits)
+        pe = evaluate_linear_path(model, pa, b, s.grid, splits)
         out["methods"][name] = {
             "barriers": pe.barrier_table(),
             "function_error": function_error(plain, pb, b, x_fn),
