@@ -81,7 +81,8 @@ def run(names: list[str], device: str, tiny: bool) -> tuple[list[tuple[str, list
 
 NOT_MEASURED = (
     "the suite's time by phase (`python -m repro.timing`, tables in `repro/results/TIMING.md`); anything on CUDA "
-    "(no GPU was lent to the sessions that wrote this file); a TF32 option (not built)."
+    "(no GPU was lent to the sessions that wrote this file), including the TF32 option "
+    "(`evaluate_points(..., tf32=True)`)."
 )
 
 

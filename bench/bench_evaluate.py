@@ -6,7 +6,10 @@ seconds): the loop (``load_state_dict`` + forward per point) vs ``evaluate_point
 call (no vmap), 5 and 25 points per vmapped call, and its default (``auto_chunk_size``), with the
 default's ratio to the best of the others (issue #18's goal: >= 0.95x).
 
-    python bench/bench_evaluate.py [--device cpu|cuda|auto] [--repeats 5] [--tf32] [--tiny]
+    python bench/bench_evaluate.py [--device cpu|cuda|auto] [--repeats 5] [--tiny]
+
+On CUDA it also times ``evaluate_points(..., tf32=True)`` against the default and prints the largest change of
+a point's loss.
 """
 
 from __future__ import annotations
@@ -63,6 +66,11 @@ def bench_case(name: str, model: torch.nn.Module, shape: tuple[int, ...], n: int
         met = "met" if times[0] / times[-1] >= 1.2 else "MISSED"
         print(f"goal: evaluator default >= 1.2x the loop where vmap pays [{name}, {dev.type}]: "
               f"{times[0] / times[-1]:.2f}x: {met}")
+    if dev.type == "cuda":  # the TF32 option, side by side with the default
+        fast = evaluate_points(model, pts, x, y, batch_size=n, tf32=True).loss
+        (t32,) = time_calls([lambda: evaluate_points(model, pts, x, y, batch_size=n, tf32=True)], dev, repeats, min)
+        print(f"  evaluate_points, default + tf32=True        {1e3 * t32:9.1f} ms   {times[-1] / t32:.2f}x the "
+              f"default; max |loss change| {float((fast - got).abs().max()):.2e}")
 
 
 def bench_first_layer(name: str, model: torch.nn.Module, shape: tuple[int, ...], n: int, dev: torch.device,
@@ -102,10 +110,8 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tf32", action="store_true", help="allow TF32 matmuls on CUDA")
     p.add_argument("--tiny", action="store_true", help="tiny cases that only check the script runs (python -m bench)")
     args = p.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = args.tf32
     print(versions())
     for dev in devices(args.device):
         if args.tiny:

@@ -31,7 +31,7 @@ from torch.func import functional_call, vmap
 
 from . import validate
 from .cost import forward_cost
-from .evaluate import PointMetrics, auto_chunk_size, evaluate_points, metrics_of_chunks
+from .evaluate import PointMetrics, auto_chunk_size, evaluate_points, metrics_of_chunks, tf32_allowed
 from .params import combine_batch
 
 __all__ = ["FirstLayer", "first_layer", "pays", "evaluate_combinations"]
@@ -155,13 +155,14 @@ def evaluate_combinations(
     batch_size: int = 4096,
     train_mode: bool = False,
     device: torch.device | str | None = None,
+    tf32: bool = False,
 ) -> PointMetrics:
     """Mean cross-entropy and error of the K points ``combine_batch(coeffs, basis)`` (``coeffs`` [K, M])
     on ``(x, y)``: what ``evaluate_points`` returns for them, up to float rounding.
 
     ``first_layer_shortcut``: ``True`` combines the basis points' first-layer outputs (module docstring;
     ``ValueError`` if the model has no such layer), ``False`` evaluates the combined points plainly,
-    ``"auto"`` (default) the first where it pays (``pays``). ``chunk_size`` and the rest as
+    ``"auto"`` (default) the first where it pays (``pays``). ``chunk_size``, ``tf32`` and the rest as
     ``evaluate_points``. The first layer is found by ``first_layer`` on ``basis[0]`` (one small forward
     pass with hooks) at every call.
     """
@@ -173,16 +174,18 @@ def evaluate_combinations(
     K, M = int(torch.as_tensor(coeffs).shape[0]), len(basis)
     kw = {"chunk_size": chunk_size, "batch_size": batch_size, "train_mode": train_mode, "device": device}
     if use is False:
-        return evaluate_points(model, stacked, x, y, **kw)
+        return evaluate_points(model, stacked, x, y, tf32=tf32, **kw)
     if use == "auto" and K < _MIN_POINTS_PER_BASIS * M:  # no need to look for the layer
-        return evaluate_points(model, stacked, x, y, **kw)
+        return evaluate_points(model, stacked, x, y, tf32=tf32, **kw)
     layer = first_layer(model, basis[0], x)
     if use is True and not isinstance(layer, FirstLayer):
         raise ValueError(f"first_layer_shortcut=True, but the model has no first layer linear in θ: {layer}")
     if use == "auto" and not pays(layer, K, M, x.shape[0]):
-        return evaluate_points(model, stacked, x, y, **kw)
+        return evaluate_points(model, stacked, x, y, tf32=tf32, **kw)
     chunks = _shortcut_logits(model, layer, torch.as_tensor(coeffs), basis, stacked, x, **kw)
-    return metrics_of_chunks(chunks, K, x.shape[0], y, batch_size)
+    dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
+    with tf32_allowed(tf32, dev):
+        return metrics_of_chunks(chunks, K, x.shape[0], y, batch_size)
 
 
 def _shortcut_logits(

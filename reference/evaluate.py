@@ -24,6 +24,7 @@ metric of a probability matrix holding a non-finite value is NaN likewise.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,7 @@ __all__ = [
     "predict_logits",
     "evaluate_points",
     "metrics_of_chunks",
+    "tf32_allowed",
     "accuracy",
     "nll",
     "ece",
@@ -82,6 +84,31 @@ def auto_chunk_size(
     if conv or flops * min(batch_size, x.shape[0]) >= limit:
         return 1
     return _VMAP_CHUNK
+
+
+def _device_of(stacked: Mapping[str, Tensor], device: torch.device | str | None) -> torch.device:
+    validate.leading_size(stacked)  # a clear error for an empty or ragged stack
+    return torch.device(device) if device is not None else next(iter(stacked.values())).device
+
+
+@contextmanager
+def tf32_allowed(enabled: bool, device: torch.device | str) -> Iterator[None]:
+    """Within the block, CUDA matmuls and cuDNN convolutions may use TF32 (10-bit mantissa, fp32 range)
+    when ``enabled``; torch's two flags are restored afterwards. ``enabled=False`` changes nothing (torch's
+    defaults: fp32 matmuls, TF32 cuDNN convolutions). ``ValueError`` for ``enabled`` on a non-CUDA device,
+    where TF32 does not exist (the option would be silently ignored)."""
+    enabled = validate.flag("tf32", enabled)
+    if not enabled:
+        yield
+        return
+    if torch.device(device).type != "cuda":
+        raise ValueError(f"tf32=True needs a CUDA device (TF32 is a tensor-core format), got {str(device)!r}")
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
 def _chunked_logits(
@@ -137,15 +164,17 @@ def predict_logits(
     batch_size: int = 4096,
     train_mode: bool = False,
     device: torch.device | str | None = None,
+    tf32: bool = False,
 ) -> Tensor:
     """Logits ``[K, N, C]`` of K stacked points on inputs ``x`` (one vmapped call per chunk).
 
     ``train_mode=True`` evaluates with batch statistics (BatchNorm); running statistics of the
-    given points are not modified (buffers are cloned per call).
+    given points are not modified (buffers are cloned per call). ``tf32``: as ``evaluate_points``.
     """
     chunks: dict[int, list[Tensor]] = {}
-    for s, _, _, logits in _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device):
-        chunks.setdefault(s, []).append(logits)
+    with tf32_allowed(tf32, _device_of(stacked, device)):
+        for s, _, _, logits in _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device):
+            chunks.setdefault(s, []).append(logits)
     return torch.cat([torch.cat(rows, dim=1) for _, rows in sorted(chunks.items())], dim=0)
 
 
@@ -172,14 +201,19 @@ def evaluate_points(
     batch_size: int = 4096,
     train_mode: bool = False,
     device: torch.device | str | None = None,
+    tf32: bool = False,
 ) -> PointMetrics:
     """Mean cross-entropy and error of each of K stacked points on ``(x, y)``.
 
     Reduces per data batch, so memory is O(chunk · batch) whatever N is. A point with a non-finite
-    logit on any input gets NaN loss and NaN error (module docstring).
+    logit on any input gets NaN loss and NaN error (module docstring). ``tf32=True`` (CUDA only;
+    ``ValueError`` elsewhere) runs the forward passes with TF32 matmuls and convolutions
+    (``tf32_allowed``): faster on tensor cores, ~1e-3 relative error per product;
+    ``tests/test_evaluate_barrier.py`` bounds its change of barrier values on a GPU.
     """
     chunks = _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device)
-    return metrics_of_chunks(chunks, validate.leading_size(stacked), x.shape[0], y, batch_size)
+    with tf32_allowed(tf32, _device_of(stacked, device)):
+        return metrics_of_chunks(chunks, validate.leading_size(stacked), x.shape[0], y, batch_size)
 
 
 def metrics_of_chunks(

@@ -274,3 +274,61 @@ def test_batch_metrics_equal_cross_entropy_and_argmax(scale):
         broken = logits.clone()
         broken[1, 7, 3] = value
         assert _batch_metrics(broken, y)[2].tolist() == [False, True, False]
+
+
+# --- TF32 behind an option (CUDA only) ------------------------------------------------------------
+
+
+def test_tf32_is_refused_off_cuda_and_the_flags_are_restored():
+    """``tf32=True`` on the CPU is refused (TF32 does not exist there; a silently ignored option would
+    mislead); ``tf32_allowed`` sets both torch flags only within its block, also when the block raises."""
+    from reference.evaluate import tf32_allowed
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    pts = stack([{k: v.clone() for k, v in model.state_dict().items()}] * 2)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="tf32=True needs a CUDA device"):
+        evaluate_points(model, pts, x, y, tf32=True)
+    with pytest.raises(ValueError, match="tf32=True needs a CUDA device"):
+        predict_logits(model, pts, x, tf32=True)
+    with pytest.raises(TypeError):
+        evaluate_points(model, pts, x, y, tf32="yes")
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, False
+        with pytest.raises(RuntimeError, match="inside"), tf32_allowed(True, "cuda"):
+            assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+            raise RuntimeError("inside")
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+        with tf32_allowed(False, "cpu"):  # changes nothing
+            assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("arch", ["mlp", "cnn1d", "vgg"])
+def test_tf32_changes_barrier_values_by_at_most_the_bound(arch):
+    """Property: on CUDA, evaluating a 25-point linear path between two networks with ``tf32=True``
+    moves every point's loss by at most 2% (relative, at least 0.02 absolute) and every point's error
+    by at most 2 points, so the loss barriers by at most 4% and the error barriers by 4 points. TF32
+    rounds each product's inputs to a 10-bit mantissa (relative error 2^-11 ≈ 5e-4), accumulates in
+    fp32; over a few layers the logits move by ~1e-3 relative."""
+    from reference.models import CNN1D, MLP, VGG, init_params
+
+    make, shape = {"mlp": (lambda: MLP(784, [512, 512], 10), (784,)),
+                   "cnn1d": (lambda: CNN1D(1, (32, 32, 32), 10, norm=None), (40,)),
+                   "vgg": (lambda: VGG(3, [32, "M", 64, "M", 128], 10, norm=None, dims=2), (3, 32, 32))}[arch]
+    model = make().cuda().eval()
+    a, b = ({k: v.cuda() for k, v in init_params(model, s).items()} for s in (0, 1))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2048, *shape, generator=g).cuda(), torch.randint(0, 10, (2048,), generator=g).cuda()
+    t, pts = linear_path(a, b, 25)
+    plain = evaluate_points(model, pts, x, y)
+    fast = evaluate_points(model, pts, x, y, tf32=True)
+    assert torch.all((fast.loss - plain.loss).abs() <= torch.clamp(0.02 * plain.loss.abs(), min=0.02))
+    assert torch.all((fast.error - plain.error).abs() <= 0.02)
+    for kind in ("max_chord", "mid"):
+        bl, bf = barrier(plain.loss, t, kind), barrier(fast.loss, t, kind)
+        assert abs(bf.value - bl.value) <= 0.04 * max(1.0, abs(bl.value))
+        assert abs(barrier(fast.error, t, kind).value - barrier(plain.error, t, kind).value) <= 0.04
