@@ -61,18 +61,22 @@ class FirstLayer:
 _FOUND: dict[tuple, FirstLayer | str] = {}
 
 
-def first_layer(model: nn.Module, point: Mapping[str, Tensor], x: Tensor) -> FirstLayer | str:
+def first_layer(model: nn.Module, point: Mapping[str, Tensor], x: Tensor, train_mode: bool = False
+                ) -> FirstLayer | str:
     """The model's first layer if it is linear in θ and sees the raw input, else the reason why not (a
-    string). Runs one eval-mode forward pass of ``point`` on ``x[:2]`` with hooks, without gradients, once
-    per architecture (model class, parameter shapes, input shape), as ``reference.cost.forward_cost``."""
+    string). Runs one forward pass of ``point`` on ``x[:2]`` with hooks, without gradients, in the mode
+    the evaluation will use (train mode: a dropout before the layer changes its input, so it is refused;
+    the point's buffers are not written), once per architecture (model class, parameter shapes, input
+    shape, mode), as ``reference.cost.forward_cost``."""
     key = (type(model).__module__, type(model).__qualname__, tuple((k, tuple(v.shape)) for k, v in point.items()),
-           tuple(x.shape[1:]))
+           tuple(x.shape[1:]), bool(train_mode))
     if key not in _FOUND:
-        _FOUND[key] = _find_first_layer(model, point, x)
+        _FOUND[key] = _find_first_layer(model, point, x, bool(train_mode))
     return _FOUND[key]
 
 
-def _find_first_layer(model: nn.Module, point: Mapping[str, Tensor], x: Tensor) -> FirstLayer | str:
+def _find_first_layer(model: nn.Module, point: Mapping[str, Tensor], x: Tensor, train_mode: bool
+                      ) -> FirstLayer | str:
     shared: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(n)
@@ -91,9 +95,9 @@ def _find_first_layer(model: nn.Module, point: Mapping[str, Tensor], x: Tensor) 
     probe = x[:2]
     was = {m: m.training for m in model.modules()}
     try:
-        model.eval()
+        model.train(train_mode)
         with torch.no_grad():
-            functional_call(model, dict(point), (probe,))
+            functional_call(model, {k: v.clone() for k, v in point.items()}, (probe,))
     finally:
         for h in handles:
             h.remove()
@@ -103,6 +107,8 @@ def _find_first_layer(model: nn.Module, point: Mapping[str, Tensor], x: Tensor) 
         return "no module with parameters ran"
     name, inp = calls[0]
     module = owners[name]
+    if not name:
+        return f"the model itself ({type(model).__name__}) holds parameters: no first layer to split off"
     if not isinstance(module, _LINEAR_LAYERS):
         return f"the first module with parameters, {name or type(module).__name__!r}, is a {type(module).__name__}"
     if sum(1 for n, _ in calls if n == name) != 1:
@@ -177,7 +183,7 @@ def evaluate_combinations(
         return evaluate_points(model, stacked, x, y, tf32=tf32, **kw)
     if use == "auto" and K < _MIN_POINTS_PER_BASIS * M:  # no need to look for the layer
         return evaluate_points(model, stacked, x, y, tf32=tf32, **kw)
-    layer = first_layer(model, basis[0], x)
+    layer = first_layer(model, basis[0], x, train_mode)
     if use is True and not isinstance(layer, FirstLayer):
         raise ValueError(f"first_layer_shortcut=True, but the model has no first layer linear in θ: {layer}")
     if use == "auto" and not pays(layer, K, M, x.shape[0]):

@@ -154,3 +154,15 @@ def test_evaluate_linear_path_equals_evaluate_path_of_linear_path(shortcut):
         assert same(got.curves[split]["loss"], ref.curves[split]["loss"])
         assert torch.equal(got.curves[split]["error"], ref.curves[split]["error"])
     assert got.barrier_table().keys() == ref.barrier_table().keys()
+
+
+def test_train_mode_dropout_before_the_first_layer_and_a_bare_layer_are_refused():
+    """A dropout in front of the first layer is the identity in eval mode (the shortcut is exact there) but
+    changes the layer's input in train mode (refused there); a model that is one layer has nothing to split."""
+    model = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))
+    point = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(10, 6)
+    assert isinstance(first_layer(model, point, x), FirstLayer)
+    assert "does not see the raw input" in first_layer(model, point, x, train_mode=True)
+    bare = nn.Linear(6, 3)
+    assert "no first layer to split off" in first_layer(bare, dict(bare.state_dict()), x)
