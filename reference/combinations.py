@@ -29,9 +29,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from . import validate
 from .cost import forward_cost
-from .evaluate import PointMetrics, auto_chunk_size, evaluate_points, metrics_of_chunks, tf32_allowed
+from .evaluate import PointMetrics, chunk_plan, evaluate_points, metrics_of_chunks, tf32_allowed
 from .params import combine_batch
 
 __all__ = ["FirstLayer", "first_layer", "pays", "evaluate_combinations"]
@@ -188,10 +187,10 @@ def evaluate_combinations(
         raise ValueError(f"first_layer_shortcut=True, but the model has no first layer linear in θ: {layer}")
     if use == "auto" and not pays(layer, K, M, x.shape[0]):
         return evaluate_points(model, stacked, x, y, tf32=tf32, **kw)
-    chunks = _shortcut_logits(model, layer, torch.as_tensor(coeffs), basis, stacked, x, **kw)
-    dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
-    with tf32_allowed(tf32, dev):
-        return metrics_of_chunks(chunks, K, x.shape[0], y, batch_size)
+    plan = chunk_plan(model, stacked, x, chunk_size, batch_size, train_mode, device)
+    with tf32_allowed(tf32, plan[4]):
+        chunks = _shortcut_logits(model, layer, torch.as_tensor(coeffs), basis, stacked, x, plan)
+        return metrics_of_chunks(chunks, K, x.shape[0], y, plan[2])
 
 
 def _shortcut_logits(
@@ -201,18 +200,11 @@ def _shortcut_logits(
     basis: list[Mapping[str, Tensor]],
     stacked: Mapping[str, Tensor],
     x: Tensor,
-    *,
-    chunk_size: int | None,
-    batch_size: int,
-    train_mode: bool,
-    device: torch.device | str | None,
+    plan: tuple[int, int, int, bool, torch.device],
 ) -> Iterator[tuple[int, int, int, Tensor]]:
-    """``evaluate.chunked_logits``' chunks, the first layer's output of each point combined from the basis'."""
-    K = validate.leading_size(stacked)
-    chunk_size = validate.optional_integer("chunk_size", chunk_size)
-    batch_size = validate.integer("batch_size", batch_size)
-    dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
-    chunk = chunk_size or auto_chunk_size(model, stacked, x, batch_size, dev)
+    """``evaluate._chunked_logits``' chunks (``plan``: ``evaluate.chunk_plan``), the first layer's output of
+    each point combined from the basis'."""
+    K, chunk, batch_size, train_mode, dev = plan
     first = model.get_submodule(layer.name)
     prefix = f"{layer.name}." if layer.name else ""
     w = [{k[len(prefix):]: p[k].to(dev) for k in layer.keys} for p in basis]

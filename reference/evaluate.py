@@ -41,6 +41,7 @@ __all__ = [
     "predict_logits",
     "evaluate_points",
     "metrics_of_chunks",
+    "chunk_plan",
     "tf32_allowed",
     "accuracy",
     "nll",
@@ -111,7 +112,7 @@ def tf32_allowed(enabled: bool, device: torch.device | str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-def _chunked_logits(
+def chunk_plan(
     model: nn.Module,
     stacked: Mapping[str, Tensor],
     x: Tensor,
@@ -119,15 +120,24 @@ def _chunked_logits(
     batch_size: int,
     train_mode: bool,
     device: torch.device | str | None,
-) -> Iterator[tuple[int, int, int, Tensor]]:
-    """Yield ``(first point, points in chunk, first input, logits [k, B, C])`` over chunks of points
-    and batches of inputs: one ``vmap(functional_call)`` call each, all points in the same mode."""
+) -> tuple[int, int, int, bool, torch.device]:
+    """The evaluators' arguments checked: ``(K points, points per call, inputs per call, train mode, device)``,
+    the points per call from ``auto_chunk_size`` when ``chunk_size`` is None."""
     K = validate.leading_size(stacked)
     chunk_size = validate.optional_integer("chunk_size", chunk_size)
     batch_size = validate.integer("batch_size", batch_size)
     train_mode = validate.flag("train_mode", train_mode)
-    dev = torch.device(device) if device is not None else next(iter(stacked.values())).device
-    chunk = chunk_size or auto_chunk_size(model, stacked, x, batch_size, dev)
+    dev = _device_of(stacked, device)
+    return K, chunk_size or auto_chunk_size(model, stacked, x, batch_size, dev), batch_size, train_mode, dev
+
+
+def _chunked_logits(
+    model: nn.Module, stacked: Mapping[str, Tensor], x: Tensor, plan: tuple[int, int, int, bool, torch.device]
+) -> Iterator[tuple[int, int, int, Tensor]]:
+    """Yield ``(first point, points in chunk, first input, logits [k, B, C])`` over chunks of points
+    and batches of inputs (``plan``: ``chunk_plan``): one ``vmap(functional_call)`` call each (one plain
+    ``functional_call`` when the chunk is 1), all points in the same mode."""
+    K, chunk, batch_size, train_mode, dev = plan
     was_training = model.training
     model.train(train_mode)
     model.to(dev)
@@ -172,8 +182,9 @@ def predict_logits(
     given points are not modified (buffers are cloned per call). ``tf32``: as ``evaluate_points``.
     """
     chunks: dict[int, list[Tensor]] = {}
-    with tf32_allowed(tf32, _device_of(stacked, device)):
-        for s, _, _, logits in _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device):
+    plan = chunk_plan(model, stacked, x, chunk_size, batch_size, train_mode, device)
+    with tf32_allowed(tf32, plan[4]):
+        for s, _, _, logits in _chunked_logits(model, stacked, x, plan):
             chunks.setdefault(s, []).append(logits)
     return torch.cat([torch.cat(rows, dim=1) for _, rows in sorted(chunks.items())], dim=0)
 
@@ -211,9 +222,9 @@ def evaluate_points(
     (``tf32_allowed``): faster on tensor cores, ~1e-3 relative error per product;
     ``tests/test_evaluate_barrier.py`` bounds its change of barrier values on a GPU.
     """
-    chunks = _chunked_logits(model, stacked, x, chunk_size, batch_size, train_mode, device)
-    with tf32_allowed(tf32, _device_of(stacked, device)):
-        return metrics_of_chunks(chunks, validate.leading_size(stacked), x.shape[0], y, batch_size)
+    plan = chunk_plan(model, stacked, x, chunk_size, batch_size, train_mode, device)
+    with tf32_allowed(tf32, plan[4]):
+        return metrics_of_chunks(_chunked_logits(model, stacked, x, plan), plan[0], x.shape[0], y, plan[2])
 
 
 def metrics_of_chunks(
