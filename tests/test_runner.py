@@ -122,10 +122,12 @@ def test_the_seed_is_part_of_every_key(tmp_path):
 
 
 def test_a_code_change_recomputes(tmp_path, monkeypatch):
+    import repro.runner.context as context_mod
     import repro.runner.run as run_mod
 
     _run(tmp_path)
-    monkeypatch.setattr(run_mod, "code_version", lambda module_file=None: "a-different-version")
+    for mod in (run_mod, context_mod):  # as an edit of the code would: every key and the run's check see it
+        monkeypatch.setattr(mod, "code_version", lambda module_file=None: "a-different-version")
     _run(tmp_path)
     assert len(_jobs(tmp_path)) == 4
 
@@ -448,3 +450,22 @@ def test_ray_executor_equals_local(tmp_path):
     ray = _run(tmp_path / "r", executor="ray", workers=2)
     assert _table(tmp_path / "l") == _table(tmp_path / "r")
     assert [c["held"] for c in local["claims"]] == [c["held"] for c in ray["claims"]]
+
+
+def test_an_edit_of_reference_during_a_run_is_refused(tmp_path, monkeypatch):
+    """A job sees the code version the run began with: when ``reference/`` changed on disk since (a worker
+    started after the edit imports the new code while the run files results under the old keys), the job
+    raises and says so, in this process and in a worker; an unchanged version runs."""
+    from repro.runner.context import JobContext, code_version
+    from repro.runner.executors import LocalExecutor, ProcessExecutor
+
+    stale = JobContext(device="cpu", cache_dir=str(tmp_path), code="0" * 16)
+    assert stale.code != code_version()
+    for ex in (LocalExecutor(), ProcessExecutor(workers=1)):
+        try:
+            with pytest.raises(RuntimeError, match=r"reference/ changed while the run was going .*0{16}"):
+                list(ex.imap([(toy_target.toy_job, None)], stale))
+        finally:
+            ex.close()
+    JobContext(device="cpu", cache_dir=str(tmp_path), code=code_version()).check_code()  # unchanged: no error
+    JobContext(device="cpu", cache_dir=str(tmp_path)).check_code()  # no version recorded: unchecked

@@ -144,6 +144,16 @@ class JobContext:
     cache_dir: str = ""
     progress: bool = False
     log_prefix: str = ""
+    code: str = ""  # ``code_version()`` when the run began ("": unchecked); see ``check_code``
+
+    def check_code(self) -> None:
+        """``RuntimeError`` if ``reference/`` changed on disk since the run began: a worker started after an
+        edit imports the new code, and its results would be filed under keys of the old one (a mixed run)."""
+        if self.code and code_version() != self.code:
+            raise RuntimeError(
+                f"reference/ changed while the run was going (code version {code_version()}, the run started "
+                f"with {self.code}); its results would mix two versions of the code: re-run once the edit is done"
+            )
 
     @property
     def dev(self) -> torch.device:

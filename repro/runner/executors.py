@@ -40,6 +40,7 @@ Item = tuple[Callable[..., Any], Any]  # (fn, args)
 
 
 def _call(fn: Callable[..., Any], args: Any, ctx: JobContext, threads: int | None = None) -> Any:
+    ctx.check_code()
     if threads is not None:
         import torch
 

@@ -166,7 +166,7 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
             log(f"  --set {k}={v}")
         jobs: list[Job] = list(t.jobs(cfg, LoadedData(ref, data)))
         code = code_version(t.module_file or None)
-        ctx = JobContext(device=str(device), cache_dir=str(cache_dir), progress=opts.progress)
+        ctx = JobContext(device=str(device), cache_dir=str(cache_dir), progress=opts.progress, code=code_version())
         clock = _Clock(cache_dir / "runs" / f"{config_hash([t.name, opts.size, cfg, ref, device.type, code])}.json")
         try:
             stats = _run_jobs(t, jobs, ctx, executor, cache_dir, code, device, log, clock)
