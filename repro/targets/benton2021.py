@@ -139,14 +139,14 @@ class SproArgs:
 def spro_job(args: SproArgs, ctx: JobContext) -> dict:
     data, model = ctx.setup(args)
     mode = ctx.endpoint(args.mode)
-    xte, yte = data.x_test, data.y_test
     cx = args.training.simplex(model, mode, args.n_free, data, args.seed, ctx)
-    g = torch.Generator().manual_seed(args.seed + 17)
-    pts = cx.sample(args.samples, g)
-    m = evaluate_points(model, {k: v.to(ctx.dev) for k, v in pts.items()}, xte, yte)
     ctrl = Simplex([mode, *_random_control(mode, list(cx.vertices[1:]), args.seed + args.n_free)])
-    ctrl_pts = ctrl.sample(args.samples, torch.Generator().manual_seed(args.seed + 17))
-    mc = evaluate_points(model, {k: v.to(ctx.dev) for k, v in ctrl_pts.items()}, xte, yte)
+
+    def sampled(simplex: Simplex):  # the same barycentric draws inside the simplex and its control
+        pts = simplex.sample(args.samples, torch.Generator().manual_seed(args.seed + 17))
+        return evaluate_points(model, {k: v.to(ctx.dev) for k, v in pts.items()}, data.x_test, data.y_test)
+
+    m, mc = sampled(cx), sampled(ctrl)
     res = {"loss": m.loss.tolist(), "acc": m.accuracy.tolist(), "volume": float(cx.volumes()[0]),
            "ctrl_loss": mc.loss.tolist(), "ctrl_acc": mc.accuracy.tolist()}
     ctx.log(f"  SPRO {args.n_free} free: test acc {fmt_pm(res['acc'])} (control {fmt_pm(res['ctrl_acc'])})")
