@@ -7,6 +7,9 @@ workload that only checks that it still runs (what CI does: never a timed assert
 unless ``--out`` is given.
 
     python -m bench [--device auto|cpu|cuda] [--only NAME ...] [--tiny] [--out bench/RESULTS.md]
+
+``--only`` re-runs some benchmarks and keeps the other sections of the results file as they were (its
+header says which were kept).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "curves": ("bench_curves.py", ["--devices", "{devices}"],
                ["--devices", "{devices}", "--n", "64", "--width", "8", "--epochs", "1", "--repeats", "1"]),
     "train_many": ("bench_train_many.py",
-                   ["--device", "{device}", "--widths", "32", "128", "256", "512", "--repeats", "3"],
+                   ["--device", "{device}", "--widths", "32", "128", "256", "512", "--repeats", "5"],
                    ["--device", "{device}", "--n", "64", "--width", "8", "--epochs", "1", "--repeats", "1",
                     "--k", "2"]),
     "weight_matching": ("bench_weight_matching.py", ["--device", "{device}"],
@@ -124,13 +127,29 @@ def update_readme(path: Path, rows, stamp: str) -> bool:
     return True
 
 
-def write(path: Path, rows, device: str, tiny: bool) -> None:
+def previous_rows(path: Path) -> list[tuple[str, list[str], str, float, int]]:
+    """The benchmarks' sections of an earlier ``RESULTS.md`` as ``run`` returns them (none if the file is
+    missing or has none), so that ``--only`` can rewrite some sections and keep the others."""
+    if not path.exists():
+        return []
+    found = []
+    pattern = r"^## (\w+)\n\n`([^`]*)` — (\d+) s(?:, \*\*failed \(exit (-?\d+)\)\*\*)?\n\n```\n(.*?)\n```$"
+    for m in re.finditer(pattern, path.read_text(), flags=re.M | re.S):
+        if m[1] in BENCHES:
+            found.append((m[1], m[2].split(" "), m[5], float(m[3]), int(m[4] or 0)))
+    return found
+
+
+def write(path: Path, rows, device: str, tiny: bool, kept: tuple[str, ...] = ()) -> None:
     lines = ["# Benchmark results", "",
              "Written by `python -m bench`" + (" --tiny (toy workloads: the numbers mean nothing)" if tiny else "")
              + "; each benchmark measures its variants side by side in one process, so compare the ratios, not "
              "the seconds (these machines are noisy).", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-             f"- machine: {_machine()}", f"- device option: {device}", f"- commit: {_commit()}", ""]
+             f"- machine: {_machine()}", f"- device option: {device}", f"- commit: {_commit()}"]
+    if kept:
+        lines += [f"- kept from the previous run of this file (not re-run by `--only`): {', '.join(kept)}"]
+    lines += [""]
     goals = goals_table(rows)
     if goals:
         lines += ["## Goals", "", "Each line a benchmark printed as `goal: ...` (the ratio it measured and whether it "
@@ -160,9 +179,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out = args.out if args.out is not None else (None if args.tiny else HERE / "RESULTS.md")
     rows, ok = run(args.only or list(BENCHES), args.device, args.tiny)
+    kept: tuple[str, ...] = ()
+    if args.only and out is not None:  # keep the other benchmarks' sections, in the usual order
+        fresh = {r[0]: r for r in rows}
+        old = {r[0]: r for r in previous_rows(out) if r[0] not in fresh}
+        kept = tuple(old)
+        rows = [fresh.get(name) or old[name] for name in BENCHES if name in fresh or name in old]
     if out is not None:
-        write(out, rows, args.device, args.tiny)
-        print(f"wrote {out}")
+        write(out, rows, args.device, args.tiny, kept)
+        print(f"wrote {out}" + (f" (kept {', '.join(kept)} from its previous version)" if kept else ""))
     if args.out is None and not args.tiny:
         import torch
 

@@ -6,6 +6,7 @@ The scripts import it as a sibling module (``python bench/<script>.py`` puts ``b
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,20 +31,26 @@ def sync(dev: torch.device) -> None:
 
 
 def time_calls(fns: Sequence[Callable[[], object]], dev: torch.device, repeats: int,
-               stat: Callable[[list[float]], float] = statistics.median) -> list[float]:
+               stat: Callable[[list[float]], float] = statistics.median, min_sample_s: float = 0.05) -> list[float]:
     """Seconds per call of each function: one untimed warm-up call of each (allocator, kernels, lazy init),
-    then ``repeats`` timed calls of each, interleaved round-robin (a load change on a shared machine hits
-    every function alike), reduced by ``stat`` (the median, or ``min`` for the best run)."""
+    then ``repeats`` timed samples of each, interleaved round-robin (a load change on a shared machine hits
+    every function alike), reduced by ``stat`` (the median, or ``min`` for the best run). A function whose
+    warm-up call took under ``min_sample_s`` is called several times per sample (enough to fill it, the same
+    count in every sample), so that a millisecond call is not timed at the clock's and the scheduler's grain."""
+    inner = []
     for fn in fns:
+        t0 = time.perf_counter()
         fn()
-    sync(dev)
+        sync(dev)
+        inner.append(max(1, math.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-6))))
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, acc in zip(fns, times, strict=True):
+        for fn, k, acc in zip(fns, inner, times, strict=True):
             t0 = time.perf_counter()
-            fn()
+            for _ in range(k):
+                fn()
             sync(dev)
-            acc.append(time.perf_counter() - t0)
+            acc.append((time.perf_counter() - t0) / k)
     return [stat(acc) for acc in times]
 
 

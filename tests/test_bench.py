@@ -34,3 +34,21 @@ def test_tiny_writes_no_file_unless_asked(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "HERE", tmp_path)  # where the default RESULTS.md would go
     assert runner.main(["--tiny", "--device", "cpu"]) == 0
     assert not (tmp_path / "RESULTS.md").exists()
+
+
+def test_only_rewrites_its_sections_and_keeps_the_others(tmp_path, monkeypatch):
+    scripts = {}
+    for name, text in (("one", "print('goal: g [one]: 1.00x: met')"), ("two", "print('goal: g [two]: 0.50x: MISSED')")):
+        scripts[name] = tmp_path / f"{name}.py"
+        scripts[name].write_text(text + "\n")
+    monkeypatch.setattr(runner, "BENCHES", {n: (str(p), [], []) for n, p in scripts.items()})
+    out = tmp_path / "R.md"
+    assert runner.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    assert [r[0] for r in runner.previous_rows(out)] == ["one", "two"]
+    scripts["one"].write_text("print('goal: g [one]: 2.00x: met')\n")
+    scripts["two"].write_text("print('goal: g [two]: 9.99x: met')\n")  # not re-run: must not appear
+    assert runner.main(["--tiny", "--device", "cpu", "--out", str(out), "--only", "one"]) == 0
+    text = out.read_text()
+    assert "kept from the previous run of this file (not re-run by `--only`): two" in text
+    assert "| g | one | 2.00x | met |" in text and "| g | two | 0.50x | **missed** |" in text
+    assert "9.99x" not in text and text.index("## one") < text.index("## two")
