@@ -33,10 +33,11 @@ def sync(dev: torch.device) -> None:
 def time_calls(fns: Sequence[Callable[[], object]], dev: torch.device, repeats: int,
                stat: Callable[[list[float]], float] = statistics.median, min_sample_s: float = 0.05) -> list[float]:
     """Seconds per call of each function: one untimed warm-up call of each (allocator, kernels, lazy init),
-    then ``repeats`` timed samples of each, interleaved round-robin (a load change on a shared machine hits
-    every function alike), reduced by ``stat`` (the median, or ``min`` for the best run). A function whose
-    warm-up call took under ``min_sample_s`` is called several times per sample (enough to fill it, the same
-    count in every sample), so that a millisecond call is not timed at the clock's and the scheduler's grain."""
+    then ``repeats`` timed samples of each, interleaved round-robin with the order rotated every round (a load
+    change on a shared machine hits every function alike, and none is always timed right after the same one),
+    reduced by ``stat`` (the median, or ``min`` for the best run). A function whose warm-up call took under
+    ``min_sample_s`` is called several times per sample (enough to fill it, the same count in every sample),
+    so that a millisecond call is not timed at the clock's and the scheduler's grain."""
     inner = []
     for fn in fns:
         t0 = time.perf_counter()
@@ -44,13 +45,14 @@ def time_calls(fns: Sequence[Callable[[], object]], dev: torch.device, repeats: 
         sync(dev)
         inner.append(max(1, math.ceil(min_sample_s / max(time.perf_counter() - t0, 1e-6))))
     times: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, k, acc in zip(fns, inner, times, strict=True):
+    for r in range(repeats):
+        for j in range(len(fns)):
+            i = (r + j) % len(fns)  # each round starts one further along: no function is always timed last
             t0 = time.perf_counter()
-            for _ in range(k):
-                fn()
+            for _ in range(inner[i]):
+                fns[i]()
             sync(dev)
-            acc.append((time.perf_counter() - t0) / k)
+            times[i].append((time.perf_counter() - t0) / inner[i])
     return [stat(acc) for acc in times]
 
 
