@@ -127,14 +127,19 @@ def update_readme(path: Path, rows, stamp: str) -> bool:
     return True
 
 
-def previous_rows(path: Path) -> list[tuple[str, list[str], str, float, int]]:
-    """The benchmarks' sections of an earlier ``RESULTS.md`` as ``run`` returns them (none if the file is
-    missing or has none), so that ``--only`` can rewrite some sections and keep the others."""
+def previous_rows(path: Path, device: str, tiny: bool) -> list[tuple[str, list[str], str, float, int]]:
+    """The benchmarks' sections of an earlier ``RESULTS.md`` as ``run`` returns them, so that ``--only`` can
+    rewrite some sections and keep the others; none if the file is missing or was written for another
+    ``--device`` or another ``--tiny`` (its sections would be mixed with this run's under one header)."""
     if not path.exists():
+        return []
+    text = path.read_text()
+    if f"\n- device option: {device}\n" not in text or ("--tiny (toy workloads" in text) != tiny:
+        print(f"{path} was written for another --device or --tiny: its other sections are not kept", file=sys.stderr)
         return []
     found = []
     pattern = r"^## (\w+)\n\n`([^`]*)` — (\d+) s(?:, \*\*failed \(exit (-?\d+)\)\*\*)?\n\n```\n(.*?)\n```$"
-    for m in re.finditer(pattern, path.read_text(), flags=re.M | re.S):
+    for m in re.finditer(pattern, text, flags=re.M | re.S):
         if m[1] in BENCHES:
             found.append((m[1], m[2].split(" "), m[5], float(m[3]), int(m[4] or 0)))
     return found
@@ -182,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     kept: tuple[str, ...] = ()
     if args.only and out is not None:  # keep the other benchmarks' sections, in the usual order
         fresh = {r[0]: r for r in rows}
-        old = {r[0]: r for r in previous_rows(out) if r[0] not in fresh}
+        old = {r[0]: r for r in previous_rows(out, args.device, args.tiny) if r[0] not in fresh}
         kept = tuple(old)
         rows = [fresh.get(name) or old[name] for name in BENCHES if name in fresh or name in old]
     if out is not None:

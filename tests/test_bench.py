@@ -44,7 +44,8 @@ def test_only_rewrites_its_sections_and_keeps_the_others(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "BENCHES", {n: (str(p), [], []) for n, p in scripts.items()})
     out = tmp_path / "R.md"
     assert runner.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
-    assert [r[0] for r in runner.previous_rows(out)] == ["one", "two"]
+    assert [r[0] for r in runner.previous_rows(out, "cpu", True)] == ["one", "two"]
+    assert runner.previous_rows(out, "cuda", True) == [] and runner.previous_rows(out, "cpu", False) == []
     scripts["one"].write_text("print('goal: g [one]: 2.00x: met')\n")
     scripts["two"].write_text("print('goal: g [two]: 9.99x: met')\n")  # not re-run: must not appear
     assert runner.main(["--tiny", "--device", "cpu", "--out", str(out), "--only", "one"]) == 0
