@@ -39,6 +39,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
                     "--k", "2"]),
     "weight_matching": ("bench_weight_matching.py", ["--device", "{device}"],
                         ["--device", "{device}", "--tiny", "--repeats", "1"]),
+    "optimizer": ("bench_optimizer.py", ["--device", "{device}"], ["--device", "{device}", "--tiny", "--repeats", "1"]),
 }
 
 

@@ -129,11 +129,22 @@ def opt_step_(
     state: list[dict[str, Tensor]],
     lr: float,
     step: int,
+    *,
+    foreach: bool | None = None,
 ) -> None:
     """One optimizer step, in place on ``params`` and ``state`` (element-wise: any leading batch dims).
 
-    The formulas follow ``torch.optim.{SGD, Adam, AdamW}``'s single-tensor implementations.
+    The formulas follow ``torch.optim.{SGD, Adam, AdamW}``'s single-tensor implementations. ``foreach``
+    (default: when every tensor shares one device and dtype) runs each operation of the formula on all
+    tensors in one ``torch._foreach_*`` call instead of one Python-level call per tensor: the same
+    element-wise operations in the same order, so the same bits (tested), with less overhead per step
+    (``bench/bench_optimizer.py``).
     """
+    if foreach is None:
+        foreach = len({(t.device, t.dtype) for t in (*params, *grads)}) == 1
+    if foreach and params:
+        _step_foreach(cfg, params, grads, state, lr, step)
+        return
     wd = cfg.weight_decay
     for p, g, st in zip(params, grads, state, strict=True):
         if cfg.optimizer == "sgd":
@@ -161,3 +172,45 @@ def opt_step_(
         bc2_sqrt = math.sqrt(1.0 - b2**step)
         denom = (v.sqrt() / bc2_sqrt).add_(cfg.eps)
         p.addcdiv_(m, denom, value=-lr / bc1)
+
+
+def _step_foreach(
+    cfg: TrainConfig, params: list[Tensor], grads: list[Tensor], state: list[dict[str, Tensor]], lr: float, step: int
+) -> None:
+    """``opt_step_``'s formulas, each operation applied to every tensor by one ``torch._foreach_*`` call."""
+    if len(params) != len(grads) or len(params) != len(state):
+        raise ValueError(f"{len(params)} params, {len(grads)} grads and {len(state)} states: one of each per tensor")
+    wd = cfg.weight_decay
+    if cfg.optimizer == "sgd":
+        d = torch._foreach_add(grads, params, alpha=wd) if wd else list(grads)
+        if cfg.momentum:
+            if "momentum_buffer" not in state[0]:
+                for st, t in zip(state, d, strict=True):
+                    st["momentum_buffer"] = t.clone()
+            else:
+                bufs = [st["momentum_buffer"] for st in state]
+                torch._foreach_mul_(bufs, cfg.momentum)
+                torch._foreach_add_(bufs, d)
+            d = [st["momentum_buffer"] for st in state]
+        torch._foreach_add_(params, d, alpha=-lr)
+        return
+    b1, b2 = cfg.betas
+    if cfg.optimizer == "adamw":
+        torch._foreach_mul_(params, 1.0 - lr * wd)
+    elif wd:
+        grads = torch._foreach_add(grads, params, alpha=wd)
+    if "exp_avg" not in state[0]:
+        for st, p in zip(state, params, strict=True):
+            st["exp_avg"] = torch.zeros_like(p)
+            st["exp_avg_sq"] = torch.zeros_like(p)
+    m = [st["exp_avg"] for st in state]
+    v = [st["exp_avg_sq"] for st in state]
+    torch._foreach_lerp_(m, grads, 1.0 - b1)
+    torch._foreach_mul_(v, b2)
+    torch._foreach_addcmul_(v, grads, grads, value=1.0 - b2)
+    bc1 = 1.0 - b1**step
+    bc2_sqrt = math.sqrt(1.0 - b2**step)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, bc2_sqrt)
+    torch._foreach_add_(denom, cfg.eps)
+    torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)
