@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import toy_target  # noqa: F401  (registers "toy" and "toy-mono")
 from fake_data import make_mnist
 
@@ -119,6 +120,31 @@ def test_the_seed_is_part_of_every_key(tmp_path):
     _run(tmp_path)
     s = _run(tmp_path, seed=3)
     assert s["seed"] == 3 and _endpoints(tmp_path) == 4 and len(_jobs(tmp_path)) == 4
+
+
+def test_the_thread_count_is_part_of_every_key(tmp_path, capsys):
+    """Defect: keys held the device type only, so floats computed with 2 torch threads (whose count steers the
+    evaluator's and ``train_many``'s choices and the kernels' summation order) were reused by a 1-thread run,
+    and endpoints were reused across devices. Now a run under another thread count recomputes everything,
+    a run under the same one reuses everything, and the provenance names the jobs' thread count."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _run(tmp_path)
+        torch.set_num_threads(2)
+        s = _run(tmp_path)
+        assert _endpoints(tmp_path) == 4 and len(_jobs(tmp_path)) == 4
+        assert s["device"].endswith("2 threads)")
+        capsys.readouterr()
+        _run(tmp_path)
+        out = capsys.readouterr().out
+        assert "0 of 2 jobs to run" in out and "all 2 endpoints cached" in out
+        prov = json.loads((tmp_path / "out" / "toy" / "provenance.json").read_text())
+        assert prov["device"].endswith("2 threads)")
+    finally:
+        torch.set_num_threads(before)
+    proc = _run(tmp_path, executor="process", workers=1)  # its worker runs with one thread: the 1-thread keys
+    assert proc["device"].endswith("1 threads)") and _endpoints(tmp_path) == 4 and len(_jobs(tmp_path)) == 4
 
 
 def test_a_code_change_recomputes(tmp_path, monkeypatch):

@@ -18,7 +18,7 @@ from reference.transformers import CausalTransformer, make_sequence_task
 from repro.runner import get_target
 from repro.runner.cache import JobCache, job_key
 from repro.runner.context import DataRef, JobContext, LoadedData, code_version, data_fingerprint
-from repro.runner.run import RunOptions, run_target
+from repro.runner.run import RunOptions, device_description, run_target
 from repro.targets import transformer_rebasin as tr
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -124,11 +124,12 @@ def test_jobs_recompute_the_cached_numbers_exactly(quick):
     d = load_dataset(cfg.dataset)
     jobs = t.jobs(cfg, LoadedData(DataRef(cfg.dataset, data_fingerprint(d)), d))
     cache = JobCache(root / "cache" / "jobs" / NAME)
-    ctx = JobContext(device="cpu", cache_dir=str(root / "cache"))
+    numerics = device_description(torch.device("cpu"))  # the fixture ran in this process, on the local executor
+    ctx = JobContext(device="cpu", cache_dir=str(root / "cache"), numerics=numerics)
     lm = next(j for j in jobs if isinstance(j.args, tr.LMPairArgs))
     vit = next(j for j in jobs if isinstance(j.args, tr.ViTPairArgs))
     for job in (lm, vit):
-        hit, cached = cache.get(job_key(job, code_version(t.module_file), "cpu"))
+        hit, cached = cache.get(job_key(job, code_version(t.module_file), numerics))
         assert hit, job.name
         again = json.loads(json.dumps(job.fn(job.args, ctx)))
         cached.pop("timing_s")

@@ -145,6 +145,8 @@ class JobContext:
     progress: bool = False
     log_prefix: str = ""
     code: str = ""  # ``code_version()`` when the run began ("": unchecked); see ``check_code``
+    # where the floats are computed (``run.device_description`` with the jobs' threads): part of every cache key
+    numerics: str = "cpu"
 
     def check_code(self) -> None:
         """``RuntimeError`` if ``reference/`` changed on disk since the run began: a worker started after an
@@ -190,7 +192,7 @@ class JobContext:
         """The trained parameters of ``e`` from the endpoint cache, on this job's device."""
         from .endpoints import load_endpoint
 
-        return {k: v.to(self.dev) for k, v in load_endpoint(Path(self.cache_dir), e).items()}
+        return {k: v.to(self.dev) for k, v in load_endpoint(Path(self.cache_dir), e, self.numerics).items()}
 
     def endpoints(self, es: Sequence[Endpoint]) -> list[Params]:
         return [self.endpoint(e) for e in es]

@@ -20,16 +20,22 @@ from reference.train import train_many
 from .context import Endpoint, JobContext
 from .util import config_hash, jsonable
 
-__all__ = ["endpoint_path", "load_endpoint", "missing_endpoints", "train_group"]
+__all__ = ["endpoint_key", "endpoint_path", "load_endpoint", "missing_endpoints", "train_group"]
 
 
-def endpoint_path(cache_dir: Path, e: Endpoint) -> Path:
-    return Path(cache_dir) / "endpoints" / f"{config_hash(e.key())}.pt"
+def endpoint_key(e: Endpoint, numerics: str) -> dict:
+    """What a trained endpoint depends on: its declaration (``Endpoint.key``) and where it is trained
+    (``numerics``: ``repro.runner.run.device_description`` of the training job, threads included)."""
+    return {**e.key(), "device": numerics}
 
 
-def _check(cache_dir: Path, e: Endpoint) -> tuple[Params | None, str | None]:
+def endpoint_path(cache_dir: Path, e: Endpoint, numerics: str) -> Path:
+    return Path(cache_dir) / "endpoints" / f"{config_hash(endpoint_key(e, numerics))}.pt"
+
+
+def _check(cache_dir: Path, e: Endpoint, numerics: str) -> tuple[Params | None, str | None]:
     """``(params, None)`` for a usable cache entry, else ``(None, reason)``."""
-    path = endpoint_path(cache_dir, e)
+    path = endpoint_path(cache_dir, e, numerics)
     if not path.is_file():
         return None, None
     try:
@@ -37,23 +43,23 @@ def _check(cache_dir: Path, e: Endpoint) -> tuple[Params | None, str | None]:
     except (ValueError, OSError) as err:
         return None, f"cached endpoint {path} is unusable ({err}); retraining it"
     stored = (ck.extra or {}).get("key")
-    if jsonable(stored) != jsonable(e.key()):
+    if jsonable(stored) != jsonable(endpoint_key(e, numerics)):
         return None, f"cached endpoint {path} was stored under another key; retraining it"
     return ck.params, None
 
 
-def load_endpoint(cache_dir: Path, e: Endpoint) -> Params:
-    params, why = _check(cache_dir, e)
+def load_endpoint(cache_dir: Path, e: Endpoint, numerics: str) -> Params:
+    params, why = _check(cache_dir, e, numerics)
     if params is None:
-        raise FileNotFoundError(why or f"endpoint {endpoint_path(cache_dir, e)} has not been trained "
+        raise FileNotFoundError(why or f"endpoint {endpoint_path(cache_dir, e, numerics)} has not been trained "
                                        f"(the runner trains declared endpoints before the jobs that need them)")
     return params
 
 
-def missing_endpoints(cache_dir: Path, es: Sequence[Endpoint], log=print) -> list[Endpoint]:
+def missing_endpoints(cache_dir: Path, es: Sequence[Endpoint], numerics: str, log=print) -> list[Endpoint]:
     out = []
     for e in es:
-        params, why = _check(cache_dir, e)
+        params, why = _check(cache_dir, e, numerics)
         if params is None:
             if why:
                 log(f"  {why}")
@@ -74,6 +80,6 @@ def train_group(es: Sequence[Endpoint], ctx: JobContext) -> dict:
     trained = train_many(model, inits, data.x_train, data.y_train, e0.train, [int(e.seed) for e in es],
                          device=ctx.dev, progress=ctx.progress)
     for e, params in zip(es, trained, strict=True):
-        save_checkpoint(endpoint_path(Path(ctx.cache_dir), e), params, model_config=dict(e.model),
-                        train_config=asdict(e.train), extra={"key": jsonable(e.key())})
+        save_checkpoint(endpoint_path(Path(ctx.cache_dir), e, ctx.numerics), params, model_config=dict(e.model),
+                        train_config=asdict(e.train), extra={"key": jsonable(endpoint_key(e, ctx.numerics))})
     return {"trained": [config_hash(e.key()) for e in es]}

@@ -59,6 +59,13 @@ def _describe(item: Item) -> str:
 
 
 class LocalExecutor:
+    @property
+    def threads(self) -> int:
+        """The torch threads a job runs with: this process's."""
+        import torch
+
+        return torch.get_num_threads()
+
     def imap(self, items: Sequence[Item], ctx: JobContext) -> Iterator[tuple[int, Any]]:
         for i, item in enumerate(items):
             try:
@@ -112,6 +119,11 @@ class ProcessExecutor:
         self.workers = validate.integer("workers", workers)
         self.threads_per_worker = validate.integer("threads_per_worker", threads_per_worker)
 
+    @property
+    def threads(self) -> int:
+        """The torch threads a job runs with: each worker's."""
+        return self.threads_per_worker
+
     def imap(self, items: Sequence[Item], ctx: JobContext) -> Iterator[tuple[int, Any]]:
         items = list(items)
         if not items:
@@ -157,6 +169,8 @@ class RayExecutor:
         self._ray = _import_ray()
         self.address, self.num_cpus, self.num_gpus_per_job = address, num_cpus, num_gpus_per_job
         self._started = False
+
+    threads = 1  # each task runs with one torch thread (``_call(..., 1)``)
 
     def _init(self):
         ray = self._ray

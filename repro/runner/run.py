@@ -93,10 +93,15 @@ def versions() -> dict[str, str]:
     return out
 
 
-def device_description(device: torch.device) -> str:
+def device_description(device: torch.device, threads: int | None = None) -> str:
+    """Where the floats are computed, as far as they depend on it: the GPU's name, or the CPU's architecture and
+    the torch threads the jobs run with (default: this process's). Cache keys include it: the evaluator's and
+    ``train_many``'s choices and the kernels' summation order follow it, so floats made under another
+    description would not be the ones this run computes."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    n = torch.get_num_threads() if threads is None else threads
+    return f"cpu ({platform.processor() or platform.machine()}, {n} threads)"
 
 
 def output_name(t: Target, cfg: Any) -> str:
@@ -166,7 +171,9 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
             log(f"  --set {k}={v}")
         jobs: list[Job] = list(t.jobs(cfg, LoadedData(ref, data)))
         code = code_version(t.module_file or None)
-        ctx = JobContext(device=str(device), cache_dir=str(cache_dir), progress=opts.progress, code=code_version())
+        numerics = device_description(device, executor.threads)
+        ctx = JobContext(device=str(device), cache_dir=str(cache_dir), progress=opts.progress, code=code_version(),
+                         numerics=numerics)
         clock = _Clock(cache_dir / "runs" / f"{config_hash([t.name, opts.size, cfg, ref, device.type, code])}.json")
         try:
             stats = _run_jobs(t, jobs, ctx, executor, cache_dir, code, device, log, clock)
@@ -188,7 +195,7 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
                        "held": rep.verdicts[c.id].held} for c in t.claims]
             summary = {"target": name, "size": opts.size, "quick": opts.size == "quick", "dataset": cfg.dataset,
                        "seed": cfg.seed, "overrides": [f"{k}={v}" for k, v in opts.overrides],
-                       "data_fingerprint": ref.fingerprint, "device": device_description(device), "claims": claims}
+                       "data_fingerprint": ref.fingerprint, "device": numerics, "claims": claims}
             for note in rep.notes:
                 log(note)
             log(f"\n== {name}: claims ==")
@@ -199,7 +206,7 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
                     "overrides": [f"{k}={v}" for k, v in opts.overrides], "seed": cfg.seed,
                     "data": {**jsonable(data.describe()), "fingerprint": ref.fingerprint,
                              "data_dir": ref.data_dir},
-                    "device": device_description(device), "executor": repr(executor), "versions": versions(),
+                    "device": numerics, "executor": repr(executor), "versions": versions(),
                     "git": git_commit(), "code_version": code, "command": opts.command, "jobs": stats,
                     "wall_time_s": round(clock.now, 2), "cumulative_wall_time_s": round(clock.before + clock.now, 2),
                     "invocations": clock.invocations,
@@ -224,7 +231,7 @@ def _run_jobs(t: Target, jobs: list[Job], ctx: JobContext, executor, cache_dir: 
     for j in jobs:
         for e in find_endpoints(j.args):
             eps.setdefault(config_hash(e.key()), e)
-    missing = missing_endpoints(cache_dir, list(eps.values()), log)
+    missing = missing_endpoints(cache_dir, list(eps.values()), ctx.numerics, log)
     groups: dict[str, list] = {}
     for e in missing:
         groups.setdefault(e.group(), []).append(e)
@@ -238,7 +245,7 @@ def _run_jobs(t: Target, jobs: list[Job], ctx: JobContext, executor, cache_dir: 
         log(f"  all {len(eps)} endpoints cached")
     # 2. the jobs, each cached under its full key
     cache = JobCache(cache_dir / "jobs" / t.name, log)
-    keys = [job_key(j, code, device.type) for j in jobs]
+    keys = [job_key(j, code, ctx.numerics) for j in jobs]
     results: list[Any] = [None] * len(jobs)
     groups: dict[str, list[int]] = {}  # key hash -> the jobs with that key (repeats run once)
     for i, k in enumerate(keys):
