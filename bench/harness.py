@@ -32,10 +32,23 @@ def sync(dev: torch.device) -> None:
 
 def time_calls(fns: Sequence[Callable[[], object]], dev: torch.device, repeats: int,
                stat: Callable[[list[float]], float] = statistics.median, min_sample_s: float = 0.05) -> list[float]:
+    """``stat`` of each function's samples from ``time_samples`` (seconds per call)."""
+    return [stat(acc) for acc in time_samples(fns, dev, repeats, min_sample_s)]
+
+
+def paired_ratio(samples: Sequence[Sequence[float]], num: int, den: int) -> float:
+    """The median over rounds of ``samples[num][r] / samples[den][r]`` (> 1: function ``den`` is faster): two
+    functions timed in the same round met the same load, so their ratio is steadier than a ratio of two
+    best-of or median times taken over the whole run (which drifts on a shared machine)."""
+    return statistics.median(a / b for a, b in zip(samples[num], samples[den], strict=True))
+
+
+def time_samples(fns: Sequence[Callable[[], object]], dev: torch.device, repeats: int,
+                 min_sample_s: float = 0.05) -> list[list[float]]:
     """Seconds per call of each function: one untimed warm-up call of each (allocator, kernels, lazy init),
     then ``repeats`` timed samples of each, interleaved round-robin with the order rotated every round (a load
     change on a shared machine hits every function alike, and none is always timed right after the same one),
-    reduced by ``stat`` (the median, or ``min`` for the best run). A function whose warm-up call took under
+    returned per function, one sample per round (seconds per call). A function whose warm-up call took under
     ``min_sample_s`` is called several times per sample (enough to fill it, the same count in every sample),
     so that a millisecond call is not timed at the clock's and the scheduler's grain."""
     inner = []
@@ -53,7 +66,7 @@ def time_calls(fns: Sequence[Callable[[], object]], dev: torch.device, repeats: 
                 fns[i]()
             sync(dev)
             times[i].append((time.perf_counter() - t0) / inner[i])
-    return [stat(acc) for acc in times]
+    return times
 
 
 def random_task(n: int, shape: Sequence[int], n_cls: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
