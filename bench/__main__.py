@@ -34,7 +34,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "curves": ("bench_curves.py", ["--devices", "{devices}"],
                ["--devices", "{devices}", "--n", "64", "--width", "8", "--epochs", "1", "--repeats", "1"]),
     "train_many": ("bench_train_many.py",
-                   ["--device", "{device}", "--widths", "32", "128", "256", "512", "--repeats", "5"],
+                   ["--device", "{device}", "--widths", "32", "128", "256", "512", "--repeats", "9", "--epochs", "5"],
                    ["--device", "{device}", "--n", "64", "--width", "8", "--epochs", "1", "--repeats", "1",
                     "--k", "2"]),
     "weight_matching": ("bench_weight_matching.py", ["--device", "{device}"],
