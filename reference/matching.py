@@ -439,8 +439,6 @@ class _Similarities:
         moved = (old[o] != new[o]).nonzero().flatten()
         if moved.numel() > self.UPDATE_FRACTION * new[o].numel():
             return None
-        if moved.numel() == 0:
-            return term
         dev = self.b[k].device
         moved = moved.to(dev)
         wb, wa = self.b[k], self.a[k].index_select(o, moved)
@@ -461,8 +459,7 @@ class _Similarities:
             hit = self.terms.get((k, ax, off))
             term = None
             if hit is not None:
-                same = all(u is None and v is None or u is not None and v is not None and torch.equal(u, v)
-                           for u, v in zip(hit[0], idx, strict=True))
+                same = all(u is v or torch.equal(u, v) for u, v in zip(hit[0], idx, strict=True))
                 term = hit[1] if same else self._updated(k, ax, off, n, hit[0], idx, hit[1])
             if term is None:
                 term = self._term(k, ax, off, n, permute_except(self.spec, perm, k, self.b[k], ax))

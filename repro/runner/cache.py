@@ -22,7 +22,7 @@ __all__ = ["JobCache", "job_key"]
 
 def job_key(job: Job, code: str, device: str) -> dict[str, Any]:
     """What a job's result depends on: its name and arguments, the code, and ``device`` (where the floats are
-    computed: ``repro.runner.run.device_description``, with the jobs' thread count)."""
+    computed: ``repro.runner.context.device_description``, with the jobs' thread count)."""
     return {"job": job.name, "args": jsonable(job.args), "code": code, "device": device}
 
 

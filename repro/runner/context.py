@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import hashlib
+import platform
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -136,6 +137,17 @@ def _remember(memo: dict, key: tuple, value: Dataset) -> None:
     memo[key] = value
 
 
+def device_description(device: torch.device, threads: int | None = None) -> str:
+    """Where the floats are computed, as far as they depend on it: the GPU's name, or the CPU's architecture and
+    the torch threads the jobs run with (default: this process's). Cache keys include it: the evaluator's and
+    ``train_many``'s choices and the kernels' summation order follow it, so floats made under another
+    description would not be the ones this run computes."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    n = torch.get_num_threads() if threads is None else threads
+    return f"cpu ({platform.processor() or platform.machine()}, {n} threads)"
+
+
 @dataclass(frozen=True)
 class JobContext:
     """Handed to every job with its arguments; picklable (strings and flags only)."""
@@ -145,8 +157,13 @@ class JobContext:
     progress: bool = False
     log_prefix: str = ""
     code: str = ""  # ``code_version()`` when the run began ("": unchecked); see ``check_code``
-    # where the floats are computed (``run.device_description`` with the jobs' threads): part of every cache key
-    numerics: str = "cpu"
+    # where the floats are computed (``device_description`` with the jobs' threads): part of every cache key;
+    # "" (default): this process's ``device_description(device)``
+    numerics: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.numerics:
+            object.__setattr__(self, "numerics", device_description(torch.device(self.device)))
 
     def check_code(self) -> None:
         """``RuntimeError`` if ``reference/`` changed on disk since the run began: a worker started after an

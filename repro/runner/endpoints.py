@@ -25,7 +25,7 @@ __all__ = ["endpoint_key", "endpoint_path", "load_endpoint", "missing_endpoints"
 
 def endpoint_key(e: Endpoint, numerics: str) -> dict:
     """What a trained endpoint depends on: its declaration (``Endpoint.key``) and where it is trained
-    (``numerics``: ``repro.runner.run.device_description`` of the training job, threads included)."""
+    (``numerics``: ``repro.runner.context.device_description`` of the training job, threads included)."""
     return {**e.key(), "device": numerics}
 
 

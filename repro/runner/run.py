@@ -20,7 +20,7 @@ from reference.data import load_dataset
 
 from .cache import JobCache, job_key
 from .config import config_for
-from .context import DataRef, JobContext, LoadedData, code_version, data_fingerprint, find_endpoints
+from .context import DataRef, JobContext, LoadedData, code_version, data_fingerprint, device_description, find_endpoints
 from .declare import Job, Report, Results, Target
 from .endpoints import missing_endpoints, train_group
 from .executors import make_executor
@@ -93,17 +93,6 @@ def versions() -> dict[str, str]:
     return out
 
 
-def device_description(device: torch.device, threads: int | None = None) -> str:
-    """Where the floats are computed, as far as they depend on it: the GPU's name, or the CPU's architecture and
-    the torch threads the jobs run with (default: this process's). Cache keys include it: the evaluator's and
-    ``train_many``'s choices and the kernels' summation order follow it, so floats made under another
-    description would not be the ones this run computes."""
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    n = torch.get_num_threads() if threads is None else threads
-    return f"cpu ({platform.processor() or platform.machine()}, {n} threads)"
-
-
 def output_name(t: Target, cfg: Any) -> str:
     default = t.sizes["cpu"].dataset
     return t.name if cfg.dataset == default else f"{t.name}-{cfg.dataset}"
@@ -174,7 +163,7 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
         numerics = device_description(device, executor.threads)
         ctx = JobContext(device=str(device), cache_dir=str(cache_dir), progress=opts.progress, code=code_version(),
                          numerics=numerics)
-        clock = _Clock(cache_dir / "runs" / f"{config_hash([t.name, opts.size, cfg, ref, device.type, code])}.json")
+        clock = _Clock(cache_dir / "runs" / f"{config_hash([t.name, opts.size, cfg, ref, numerics, code])}.json")
         try:
             stats = _run_jobs(t, jobs, ctx, executor, cache_dir, code, device, log, clock)
         finally:
