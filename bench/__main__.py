@@ -40,6 +40,7 @@ BENCHES: dict[str, tuple[str, list[str], list[str]]] = {
     "weight_matching": ("bench_weight_matching.py", ["--device", "{device}"],
                         ["--device", "{device}", "--tiny", "--repeats", "1"]),
     "optimizer": ("bench_optimizer.py", ["--device", "{device}"], ["--device", "{device}", "--tiny", "--repeats", "1"]),
+    "pooling": ("bench_pooling.py", ["--device", "{device}"], ["--device", "{device}", "--tiny", "--repeats", "1"]),
 }
 
 

@@ -1473,6 +1473,15 @@ def spec_coverage(spec: PermutationSpec, held: Sequence[tuple[str, str]] = ()) -
     return "\n".join(lines)
 
 
+class _Tracer(fx.Tracer):
+    """``torch.fx``'s tracer, with a subclass of a pooling module kept whole as the class it extends is
+    (the zoo's ``ReshapeMaxPool1d`` branches on grad mode and device, which a trace cannot follow); its
+    rule is its base class's (``RULES`` is looked up along the class's MRO)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, tuple(_POOL_MODULES)) or super().is_leaf_module(m, module_qualified_name)
+
+
 def trace_report(model: nn.Module, example_input: Tensor | tuple, *, strict: bool = True) -> TraceReport:
     """``trace_spec``'s spec together with its coverage report (see ``TraceReport``)."""
     if not isinstance(model, nn.Module):
@@ -1484,7 +1493,7 @@ def trace_report(model: nn.Module, example_input: Tensor | tuple, *, strict: boo
     state = model.state_dict()
     copied = copy.deepcopy(model)
     try:
-        gm = fx.symbolic_trace(copied)
+        gm = fx.GraphModule(copied, _Tracer().trace(copied), type(copied).__name__)
     except Exception as e:  # fx raises TraceError / TypeError / NotImplementedError
         raise ValueError(f"trace_spec: torch.fx cannot trace {type(model).__name__}: {e}") from e
     gm.eval()

@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from reference.fit import module_mode
-from reference.models import CNN1D, MLP, VGG, ChannelLayerNorm, ResNet, build_model, init_params
+from reference.models import CNN1D, MLP, VGG, ChannelLayerNorm, ReshapeMaxPool1d, ResNet, build_model, init_params
+from reference.optim import TrainConfig
 from reference.params import Params, clone
 from reference.permutation import Permutation, PermutationSpec
 from reference.specs import spec_for, trace_spec
 from reference.trace import trace_report
+from reference.train import train as train_endpoint
 
 ATOL = RTOL = 1e-5  # float32: permuted sums run in another order
 
@@ -246,6 +248,43 @@ def test_cnn1d_accepts_flat_and_channel_inputs() -> None:
     model, params, _ = _setup({"name": "cnn1d", "channels": [4, 4], "norm": "batch"}, (1,))
     x = _input((6, 40))
     torch.testing.assert_close(_forward(model, params, x, False), _forward(model, params, x[:, None], False))
+
+
+@pytest.mark.parametrize("length", [40, 41, 2, 7])
+def test_reshape_max_pool_equals_max_pool_in_values_and_gradient(length: int) -> None:
+    # ReLU outputs: ties at zero in most windows, and windows of two equal positive values
+    g = torch.Generator().manual_seed(length)
+    x = torch.relu(torch.randn(5, 3, length, generator=g)).double()
+    x[0, 0, : length // 2 * 2] = 0.5
+    up = torch.randn(5, 3, length // 2, generator=g).double()
+    grads = []
+    for pool in (nn.MaxPool1d(2), ReshapeMaxPool1d(2)):
+        xi = x.clone().requires_grad_()
+        out = pool(xi)
+        grads.append((out, torch.autograd.grad(out, xi, up)[0]))
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+    # inside vmap (curve training evaluates several points in one call) and under no_grad
+    xs = x.unsqueeze(0).expand(2, -1, -1, -1).clone().requires_grad_()
+    vm = torch.func.vmap(ReshapeMaxPool1d(2))(xs)
+    (gv,) = torch.autograd.grad(vm, xs, up.expand(2, -1, -1, -1))
+    assert torch.equal(vm[1], grads[0][0]) and torch.equal(gv[1], grads[0][1])
+    with torch.no_grad():
+        assert torch.equal(ReshapeMaxPool1d(2)(x), grads[0][0])
+    # windows it does not reshape (overlapping, padded) are nn.MaxPool1d's
+    for args in ((3, 1), (2, 2, 1)) if length >= 3 else ():
+        assert torch.equal(ReshapeMaxPool1d(*args)(x.clone().requires_grad_()), nn.MaxPool1d(*args)(x))
+
+
+def test_cnn1d_trains_to_the_same_weights_with_either_pool() -> None:
+    data = torch.Generator().manual_seed(3)
+    x, y = torch.randn(96, 40, generator=data), torch.randint(0, 10, (96,), generator=data)
+    model = CNN1D(channels=(6, 6, 6), norm="batch")
+    start = init_params(model, 0)
+    cfg = TrainConfig.adam(2, batch_size=32)
+    ours = train_endpoint(model, start, x, y, cfg, seed=1, progress=False)
+    model.pools = nn.ModuleList(nn.MaxPool1d(2) for _ in model.pools)
+    plain = train_endpoint(model, start, x, y, cfg, seed=1, progress=False)
+    assert all(torch.equal(ours[k], plain[k]) for k in plain)
 
 
 def test_channel_layer_norm_normalises_channels() -> None:
