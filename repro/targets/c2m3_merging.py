@@ -127,6 +127,29 @@ def _mid_barriers(model, pairs: list[tuple[dict, dict]], x, y, grid: int) -> lis
     return [float(row.max() - 0.5 * (row[0] + row[-1])) for row in loss]
 
 
+class _Paths:
+    """The barrier paths of one job, each asked for as (model i, model j, P) — the path θ_i → P(θ_j) —
+    and each distinct one evaluated once: the six methods share many maps (star's P_0j are pairwise's,
+    sync often returns the pairwise maps, and every cycle of a consistent method is the identity), and
+    about half of the paths asked for repeat one already asked for. ``ask`` returns a handle;
+    ``barriers`` evaluates every distinct path in one ``_mid_barriers`` call and reads the handles."""
+
+    def __init__(self, spec, models: list) -> None:
+        self.spec, self.models = spec, models
+        self.index: dict[tuple, int] = {}
+        self.pairs: list[tuple[dict, dict]] = []
+
+    def ask(self, i: int, j: int, P: Permutation) -> int:
+        key = (i, j, *(P[g].numpy().tobytes() for g in sorted(self.spec.sizes)))
+        if key not in self.index:
+            self.index[key] = len(self.pairs)
+            self.pairs.append((self.models[i], P.apply(self.spec, self.models[j])))
+        return self.index[key]
+
+    def barriers(self, model, x, y, grid: int) -> list[float]:
+        return _mid_barriers(model, self.pairs, x, y, grid)
+
+
 def _universes(spec, models: list, seed: int, fw_iters: int) -> tuple[dict, dict, dict, dict]:
     """(universe maps per consistent method, pairwise maps P_ij for i < j, seconds per method, info)."""
     n = len(models)
@@ -173,6 +196,8 @@ def merge_job(args: MergeArgs, ctx: JobContext) -> dict:
     pairs = list(itertools.combinations(range(n), 2))
     units = sum(spec.sizes.values())
     out: dict = {"info": info}
+    paths = _Paths(spec, models)
+    asked: dict[str, tuple[list[int], list[int]]] = {}
     for method in METHODS:
         if method == "pairwise":
             P = {**pw, **{(j, i): p.inverse() for (i, j), p in pw.items()}}
@@ -187,20 +212,22 @@ def merge_job(args: MergeArgs, ctx: JobContext) -> dict:
             agree, star_agree = pairwise_agreement(U, pw), star_agreement(U, star)
         fr = [sum(int((P[i, j].compose(P[j, k])[g] != P[i, k][g]).sum()) for g in spec.sizes) / units
               for i, j, k in triples]
-        cyc = [(models[i], P[i, j].compose(P[j, k]).compose(P[i, k].inverse()).apply(spec, models[i]))
-               for i, j, k in triples[: args.max_triples]]
-        al = [(models[i], P[i, j].apply(spec, models[j])) for i, j in pairs[: args.max_pairs]]
+        asked[method] = ([paths.ask(i, i, P[i, j].compose(P[j, k]).compose(P[i, k].inverse()))
+                          for i, j, k in triples[: args.max_triples]],
+                         [paths.ask(i, j, P[i, j]) for i, j in pairs[: args.max_pairs]])
         merged = combine([1.0 / n] * n, aligned)
         repaired = repair(model, aligned, [1.0 / n] * n, x_rep, spec=spec)
         m = evaluate_points(model, stack([merged, repaired]), data.x_test, data.y_test)
         out[method] = {
             "nontransitivity": fr,
-            "cycle_barrier": _mid_barriers(model, cyc, x, y, args.grid),
-            "pair_barrier": _mid_barriers(model, al, x, y, args.grid),
             "objective": obj, "agreement": agree, "star_agreement": star_agree, "seconds": secs[method],
             "merged_test_accuracy": float(m.accuracy[0]), "merged_test_loss": float(m.loss[0]),
             "repaired_test_accuracy": float(m.accuracy[1]), "repaired_test_loss": float(m.loss[1]),
         }
+    barrier = paths.barriers(model, x, y, args.grid)
+    for method, (cycles, aligned_pairs) in asked.items():
+        out[method]["cycle_barrier"] = [barrier[h] for h in cycles]
+        out[method]["pair_barrier"] = [barrier[h] for h in aligned_pairs]
     members = _evaluate(model, models, data.x_test, data.y_test, x)
     out["members_test_accuracy"] = float(members.accuracy.mean())
     ctx.log(f"  {args.arch} rep {args.replicate} n={n}: repaired merged acc " + ", ".join(
