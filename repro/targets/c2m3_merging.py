@@ -131,8 +131,8 @@ class _Paths:
     """The barrier paths of one job, each asked for as (model i, model j, P) — the path θ_i → P(θ_j) —
     and each distinct one evaluated once: the six methods share many maps (star's P_0j are pairwise's,
     sync often returns the pairwise maps, and every cycle of a consistent method is the identity), and
-    about half of the paths asked for repeat one already asked for. ``ask`` returns a handle;
-    ``barriers`` evaluates every distinct path in one ``_mid_barriers`` call and reads the handles."""
+    about half of the paths asked for repeat one already asked for. ``ask`` returns a handle into the list
+    ``barriers`` returns."""
 
     def __init__(self, spec, models: list) -> None:
         self.spec, self.models = spec, models
@@ -146,8 +146,11 @@ class _Paths:
             self.pairs.append((self.models[i], P.apply(self.spec, self.models[j])))
         return self.index[key]
 
-    def barriers(self, model, x, y, grid: int) -> list[float]:
-        return _mid_barriers(model, self.pairs, x, y, grid)
+    def barriers(self, model, x, y, grid: int, per_call: int) -> list[float]:
+        """Every distinct path's barrier, ``per_call`` paths per evaluation (the points of one call are
+        held at once)."""
+        return [b for s in range(0, len(self.pairs), per_call)
+                for b in _mid_barriers(model, self.pairs[s : s + per_call], x, y, grid)]
 
 
 def _universes(spec, models: list, seed: int, fw_iters: int) -> tuple[dict, dict, dict, dict]:
@@ -224,7 +227,7 @@ def merge_job(args: MergeArgs, ctx: JobContext) -> dict:
             "merged_test_accuracy": float(m.accuracy[0]), "merged_test_loss": float(m.loss[0]),
             "repaired_test_accuracy": float(m.accuracy[1]), "repaired_test_loss": float(m.loss[1]),
         }
-    barrier = paths.barriers(model, x, y, args.grid)
+    barrier = paths.barriers(model, x, y, args.grid, max(args.max_triples, args.max_pairs, 1))
     for method, (cycles, aligned_pairs) in asked.items():
         out[method]["cycle_barrier"] = [barrier[h] for h in cycles]
         out[method]["pair_barrier"] = [barrier[h] for h in aligned_pairs]
