@@ -147,6 +147,22 @@ def test_the_thread_count_is_part_of_every_key(tmp_path, capsys):
     assert proc["device"].endswith("1 threads)") and _endpoints(tmp_path) == 4 and len(_jobs(tmp_path)) == 4
 
 
+def test_another_cpu_recomputes(tmp_path, monkeypatch, capsys):
+    """Defect: keys named the CPU by its architecture only ('x86_64'), and two machines of one kind whose MKL
+    took other code paths computed different floats from the same code, seeds and threads. Now the key names
+    the CPU's model and the instruction set torch dispatches to, so a cache made on another CPU recomputes."""
+    import repro.runner.context as context_mod
+
+    _run(tmp_path)
+    here = context_mod.cpu_identity()
+    assert context_mod.platform.machine() in here and torch.backends.cpu.get_cpu_capability() in here
+    monkeypatch.setattr(context_mod, "cpu_identity", lambda: "x86_64 another CPU, AVX2")
+    capsys.readouterr()
+    s = _run(tmp_path)
+    assert "2 of 2 jobs to run" in capsys.readouterr().out and _endpoints(tmp_path) == 4
+    assert "another CPU, AVX2" in s["device"]
+
+
 def test_a_code_change_recomputes(tmp_path, monkeypatch):
     import repro.runner.context as context_mod
     import repro.runner.run as run_mod

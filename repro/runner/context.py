@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import platform
 from collections.abc import Iterator, Mapping, Sequence
@@ -137,15 +138,39 @@ def _remember(memo: dict, key: tuple, value: Dataset) -> None:
     memo[key] = value
 
 
+@functools.cache
+def cpu_identity() -> str:
+    """The CPU as far as its floats depend on it: the architecture, the model (``/proc/cpuinfo``'s model
+    name, family and model number, where there is one) and the instruction set torch's kernels dispatch to
+    (``torch.backends.cpu.get_cpu_capability``). MKL and oneDNN pick their code paths by CPU: on two machines
+    of one kind that differed here, the same code, seeds and thread count trained endpoints whose cpu-size
+    results differed in a third of the cells (README, "How results are keyed")."""
+    name, family, model = "", "", ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = (part.strip() for part in line.partition(":"))
+            if key == "model name" and not name:
+                name = value
+            elif key == "cpu family" and not family:
+                family = value
+            elif key == "model" and not model:
+                model = value
+    except OSError:
+        pass
+    name = name or platform.processor()
+    parts = [platform.machine(), name, f"family {family} model {model}" if family and model else ""]
+    return " ".join(p for p in parts if p) + f", {torch.backends.cpu.get_cpu_capability()}"
+
+
 def device_description(device: torch.device, threads: int | None = None) -> str:
-    """Where the floats are computed, as far as they depend on it: the GPU's name, or the CPU's architecture and
-    the torch threads the jobs run with (default: this process's). Cache keys include it: the evaluator's and
-    ``train_many``'s choices and the kernels' summation order follow it, so floats made under another
-    description would not be the ones this run computes."""
+    """Where the floats are computed, as far as they depend on it: the GPU's name, or the CPU (``cpu_identity``)
+    and the torch threads the jobs run with (default: this process's). Cache keys include it: the evaluator's
+    and ``train_many``'s choices and the kernels' code paths and summation order follow it, so floats made
+    under another description would not be the ones this run computes."""
     if device.type == "cuda":
         return f"cuda ({torch.cuda.get_device_name(device)})"
     n = torch.get_num_threads() if threads is None else threads
-    return f"cpu ({platform.processor() or platform.machine()}, {n} threads)"
+    return f"cpu ({cpu_identity()}, {n} threads)"
 
 
 @dataclass(frozen=True)
