@@ -16,11 +16,9 @@ a point's loss.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
-from harness import devices, paired_ratio, random_task, time_calls, time_samples, versions
+from harness import bench_parser, devices, paired_ratio, random_task, time_calls, time_samples, versions
 
 from reference.barrier import evaluate_linear_path, evaluate_path, linear_path
 from reference.combinations import first_layer
@@ -111,10 +109,7 @@ def bench_first_layer(name: str, model: torch.nn.Module, shape: tuple[int, ...],
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tiny", action="store_true", help="tiny cases that only check the script runs (python -m bench)")
+    p = bench_parser(__doc__)
     args = p.parse_args()
     print(versions())
     for dev in devices(args.device):

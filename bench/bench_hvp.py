@@ -13,10 +13,8 @@ reported. Machines are noisy: compare the ratios, not seconds.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from harness import devices, random_task, time_calls, versions
+from harness import bench_parser, devices, random_task, time_calls, versions
 
 from reference.hessian import hvp, hvp_double_backward, hvp_reverse_over_reverse, loss_hessian
 from reference.models import CNN1D, MLP, init_params
@@ -65,12 +63,9 @@ def bench_case(name: str, model, x_shape: tuple[int, ...], n: int, dev: torch.de
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=7)
+    p = bench_parser(__doc__, repeats=7)
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     p.add_argument("--k", type=int, default=16, help="HVPs per vmapped call")
-    p.add_argument("--tiny", action="store_true", help="a tiny case that only checks the script runs (python -m bench)")
     args = p.parse_args()
     dtype = getattr(torch, args.dtype)
     print(versions())

@@ -15,11 +15,10 @@ the parameters, ~8 tensor calls each) or with each operation applied to every te
 
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
-from harness import devices, random_task, time_calls, versions
+from harness import bench_parser, devices, random_task, time_calls, versions
 
 import reference.fit as fit_module
 from reference.curves import train_curve
@@ -67,10 +66,7 @@ def bench_training(label: str, run, dev: torch.device, repeats: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--tiny", action="store_true", help="toy sizes: checks that the script runs")
+    p = bench_parser(__doc__)
     args = p.parse_args()
     print(versions())
     n, epochs = (64, 1) if args.tiny else (1437, 3)

@@ -21,7 +21,6 @@ time as a ratio to the peer's and to the plain loop's (> 1: faster than it).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
@@ -29,7 +28,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from harness import devices, sync, versions
+from harness import bench_parser, devices, sync, versions
 from scipy.optimize import linear_sum_assignment
 
 from reference.data import load_digits
@@ -91,11 +90,8 @@ def have_peer() -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = bench_parser(__doc__, repeats=3, device="cpu")
     ap.add_argument("--epochs", type=int, default=20, help="training epochs of the digits MLPs")
-    ap.add_argument("--tiny", action="store_true", help="toy widths: checks that the script runs")
     args = ap.parse_args()
     dev = devices(args.device)[-1]
     width, depth_r, depth_t, epochs = (8, 2, 2, 1) if args.tiny else (512, 3, 4, args.epochs)

@@ -85,6 +85,17 @@ def versions() -> str:
             + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
 
 
+def bench_parser(doc: str | None, *, repeats: int = 5, device: str = "auto") -> argparse.ArgumentParser:
+    """The command line every benchmark shares: ``--device`` (``devices``), ``--repeats`` (timed samples) and
+    ``--tiny`` (toy sizes that only check the script runs, as ``python -m bench --tiny`` and CI call it);
+    described by the first line of ``doc``. The script adds its own options."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    p.add_argument("--device", default=device, choices=("auto", "cpu", "cuda"))
+    p.add_argument("--repeats", type=int, default=repeats)
+    p.add_argument("--tiny", action="store_true", help="toy sizes that only check the script runs (python -m bench)")
+    return p
+
+
 def training_parser(doc: str, *, n: int, width: int, repeats: int, epochs: int = 3,
                     batch_size: int = 128) -> argparse.ArgumentParser:
     """The command line of a training benchmark (described by the first line of ``doc``) with its workload's
