@@ -147,13 +147,14 @@ def previous_rows(path: Path, device: str, tiny: bool) -> list[tuple[str, list[s
     return found
 
 
-def write(path: Path, rows, device: str, tiny: bool, kept: tuple[str, ...] = ()) -> None:
+def write(path: Path, rows, device: str, tiny: bool, kept: tuple[str, ...] = (), commit: str | None = None) -> None:
+    """Write the results file; ``commit``: the code the benchmarks ran (default: now, ``_commit()``)."""
     lines = ["# Benchmark results", "",
              "Written by `python -m bench`" + (" --tiny (toy workloads: the numbers mean nothing)" if tiny else "")
              + "; each benchmark measures its variants side by side in one process, so compare the ratios, not "
              "the seconds (these machines are noisy).", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-             f"- machine: {_machine()}", f"- device option: {device}", f"- commit: {_commit()}"]
+             f"- machine: {_machine()}", f"- device option: {device}", f"- commit: {commit or _commit()}"]
     if kept:
         lines += [f"- kept from the previous run of this file (not re-run by `--only`): {', '.join(kept)}"]
     lines += [""]
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             print("error: --device cuda, but torch sees no CUDA device", file=sys.stderr)
             return 2
     out = args.out if args.out is not None else (None if args.tiny else HERE / "RESULTS.md")
+    commit = _commit()  # before anything is written: the files this run rewrites would read as uncommitted changes
     rows, ok = run(args.only or list(BENCHES), args.device, args.tiny)
     kept: tuple[str, ...] = ()
     if args.only and out is not None:  # keep the other benchmarks' sections, in the usual order
@@ -193,13 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         kept = tuple(old)
         rows = [fresh.get(name) or old[name] for name in BENCHES if name in fresh or name in old]
     if out is not None:
-        write(out, rows, args.device, args.tiny, kept)
+        write(out, rows, args.device, args.tiny, kept, commit)
         print(f"wrote {out}" + (f" (kept {', '.join(kept)} from its previous version)" if kept else ""))
     if args.out is None and not args.tiny:
         import torch
 
         stamp = (f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d')}, {os.cpu_count()} CPU cores, "
-                 f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, commit {_commit()}")
+                 f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, commit {commit}")
         if update_readme(ROOT / "README.md", rows, stamp):
             print("updated the goals table in README.md")
         else:
