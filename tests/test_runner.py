@@ -494,6 +494,30 @@ def test_ray_executor_equals_local(tmp_path):
     assert [c["held"] for c in local["claims"]] == [c["held"] for c in ray["claims"]]
 
 
+def test_the_code_version_covers_the_runners_compute_modules(tmp_path):
+    """Defect: the code version hashed ``reference/`` only, so an edit of how the runner builds data, models
+    and endpoints or trains the endpoints (``repro/runner/context.py``, ``endpoints.py``) reused results
+    computed the old way. Now an edit of either changes the version; an edit of the output writer does not
+    (it computes nothing that is cached)."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    for d in ("reference", "repro"):
+        shutil.copytree(root / d, tmp_path / d, ignore=shutil.ignore_patterns("results", "__pycache__"))
+
+    def version() -> str:
+        code = "from repro.runner.context import code_version; print(code_version())"
+        return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    versions = [version()]
+    for name in ("output.py", "endpoints.py", "context.py"):
+        with open(tmp_path / "repro" / "runner" / name, "a") as f:
+            f.write("\n# an edit\n")
+        versions.append(version())
+    assert versions[1] == versions[0] and len(set(versions[1:])) == 3
+
+
 def test_an_edit_of_reference_during_a_run_is_refused(tmp_path, monkeypatch):
     """A job sees the code version the run began with: when ``reference/`` changed on disk since (a worker
     started after the edit imports the new code while the run files results under the old keys), the job
@@ -505,7 +529,8 @@ def test_an_edit_of_reference_during_a_run_is_refused(tmp_path, monkeypatch):
     assert stale.code != code_version()
     for ex in (LocalExecutor(), ProcessExecutor(workers=1)):
         try:
-            with pytest.raises(RuntimeError, match=r"reference/ changed while the run was going .*0{16}"):
+            changed = r"runner/\{context,endpoints\}\.py changed while the run was going .*0{16}"
+            with pytest.raises(RuntimeError, match=changed):
                 list(ex.imap([(toy_target.toy_job, None)], stale))
         finally:
             ex.close()

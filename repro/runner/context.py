@@ -33,6 +33,8 @@ from .util import config_hash, jsonable
 __all__ = ["DataRef", "Endpoint", "JobContext", "LoadedData", "code_version", "data_fingerprint", "find_endpoints"]
 
 _REFERENCE = Path(__file__).resolve().parents[2] / "reference"
+# the runner's modules that jobs compute through: data, models and endpoints (this file) and endpoint training
+_RUNNER_COMPUTE = (Path(__file__).resolve(), Path(__file__).resolve().with_name("endpoints.py"))
 
 
 def _source_hash(paths: Sequence[Path]) -> str:
@@ -47,12 +49,13 @@ _CODE: dict[str, str] = {}
 
 
 def code_version(module_file: str | Path | None = None) -> str:
-    """The version of the code behind a result: a hash of every ``reference/*.py`` file, plus the target's
-    own module when given. Any edit to the library or to the target changes it, and so every key built
-    from it (see README, "How results are keyed")."""
+    """The version of the code behind a result: a hash of every ``reference/*.py`` file and of the runner's
+    modules jobs compute through (``repro/runner/context.py``: data, models, endpoints; ``endpoints.py``:
+    their training), plus the target's own module when given. Any edit to these changes it, and so every key
+    built from it (see README, "How results are keyed")."""
     k = str(module_file)
     if k not in _CODE:
-        files = list(_REFERENCE.glob("*.py"))
+        files = [*_REFERENCE.glob("*.py"), *_RUNNER_COMPUTE]
         if module_file is not None:
             files.append(Path(module_file))
         _CODE[k] = _source_hash(files)
@@ -191,11 +194,13 @@ class JobContext:
             object.__setattr__(self, "numerics", device_description(torch.device(self.device)))
 
     def check_code(self) -> None:
-        """``RuntimeError`` if ``reference/`` changed on disk since the run began: a worker started after an
-        edit imports the new code, and its results would be filed under keys of the old one (a mixed run)."""
+        """``RuntimeError`` if the versioned code (``code_version``) changed on disk since the run began: a
+        worker started after an edit imports the new code, and its results would be filed under keys of the
+        old one (a mixed run)."""
         if self.code and code_version() != self.code:
             raise RuntimeError(
-                f"reference/ changed while the run was going (code version {code_version()}, the run started "
+                f"reference/ or repro/runner/{{context,endpoints}}.py changed while the run was going (code version "
+                f"{code_version()}, the run started "
                 f"with {self.code}); its results would mix two versions of the code: re-run once the edit is done"
             )
 
