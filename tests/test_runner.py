@@ -529,7 +529,7 @@ def test_an_edit_of_reference_during_a_run_is_refused(tmp_path, monkeypatch):
     assert stale.code != code_version()
     for ex in (LocalExecutor(), ProcessExecutor(workers=1)):
         try:
-            changed = r"runner/\{context,endpoints\}\.py changed while the run was going .*0{16}"
+            changed = r"reference/, repro/runner/context\.py or repro/runner/endpoints\.py changed while .*0{16}"
             with pytest.raises(RuntimeError, match=changed):
                 list(ex.imap([(toy_target.toy_job, None)], stale))
         finally:

@@ -198,10 +198,11 @@ class JobContext:
         worker started after an edit imports the new code, and its results would be filed under keys of the
         old one (a mixed run)."""
         if self.code and code_version() != self.code:
+            runner = " or ".join(f"repro/runner/{p.name}" for p in _RUNNER_COMPUTE)
             raise RuntimeError(
-                f"reference/ or repro/runner/{{context,endpoints}}.py changed while the run was going (code version "
-                f"{code_version()}, the run started "
-                f"with {self.code}); its results would mix two versions of the code: re-run once the edit is done"
+                f"reference/, {runner} changed while the run was going (code version {code_version()}, the run "
+                f"started with {self.code}); its results would mix two versions of the code: re-run once the edit "
+                "is done"
             )
 
     @property
