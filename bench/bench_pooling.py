@@ -17,6 +17,8 @@ On CUDA the zoo's pool is ``nn.MaxPool1d`` (the reshape is not measured there), 
 
 from __future__ import annotations
 
+import statistics
+
 import torch
 from harness import bench_parser, devices, paired_ratio, random_task, time_samples, versions
 from torch import nn
@@ -44,7 +46,7 @@ def bench_pool(shape: tuple[int, ...], dev: torch.device, repeats: int) -> float
     pools = [cls(2) for cls in POOLS.values()]
     grad_s = time_samples([lambda p=p: step(p) for p in pools], dev, repeats)
     ng_s = time_samples([lambda p=p: no_grad(p) for p in pools], dev, repeats)
-    med = [sorted(s)[len(s) // 2] for s in grad_s + ng_s]
+    med = [statistics.median(s) for s in grad_s + ng_s]
     ratio = paired_ratio(grad_s, 0, 1)
     print(f"  pool {list(shape)}: forward+backward nn {1e3 * med[0]:.3f} ms, reshape {1e3 * med[1]:.3f} ms   "
           f"{ratio:.2f}x;  no_grad forward nn {1e3 * med[2]:.3f} ms, ours {1e3 * med[3]:.3f} ms   "
@@ -61,7 +63,7 @@ def bench_training(label: str, model: CNN1D, run, dev: torch.device, repeats: in
     outs = [_with_pools(model, cls, run) for cls in POOLS.values()]
     same = all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
     samples = time_samples([lambda c=c: _with_pools(model, c, run) for c in POOLS.values()], dev, repeats)
-    med = [sorted(s)[len(s) // 2] for s in samples]
+    med = [statistics.median(s) for s in samples]
     ratio = paired_ratio(samples, 0, 1)
     print(f"  {label:<46} nn {med[0]:7.3f} s, reshape {med[1]:7.3f} s   {ratio:.2f}x   "
           f"(trained weights {'bit-identical' if same else 'DIFFER'})")
