@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_nets import general_params
+from tiny_nets import LinearTwice, general_params
 from torch import nn
 from torch.func import functional_call
 
@@ -296,15 +296,7 @@ def test_forward_order_and_modules_run_twice():
     names = ["layer2.0.conv2", "conv", "layer1.0.conv2"]
     assert forward_order(model, theta, names, _x(2, 3, 6, 6)) == ["conv", "layer1.0.conv2", "layer2.0.conv2"]
 
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(3, 3)
-
-        def forward(self, x):
-            return self.fc(torch.relu(self.fc(x)))
-
-    net = Twice().double()
+    net = LinearTwice(3).double()
     p = {k: v.double() for k, v in net.state_dict().items()}
     with pytest.raises(ValueError, match=r"twice \['fc'\]"):
         forward_order(net, p, ["fc"], _x(2, 3))

@@ -3,6 +3,8 @@ refused, with the reason, where the first layer is not linear in θ or does not 
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from reference.combinations import FirstLayer, evaluate_combinations, first_laye
 from reference.evaluate import evaluate_points
 from reference.models import CNN1D, MLP, VGG, ResNet, init_params
 from reference.params import combine_batch
-from tests.tiny_nets import bn_mlp, bn_point
+from tests.tiny_nets import LinearTwice, bn_mlp, bn_point
 
 ZOO = {
     "mlp": (lambda: MLP(30, [16, 12], 5), (30,)),
@@ -81,15 +83,6 @@ class _Normalised(nn.Module):
         return self.fc((x - x.mean()) / x.std())
 
 
-class _Twice(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 6)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.fc(x)))
-
-
 class _Tied(nn.Module):
     def __init__(self):
         super().__init__()
@@ -113,7 +106,7 @@ class _NormFirst(nn.Module):
 
 @pytest.mark.parametrize("make, reason", [
     (_Normalised, "does not see the raw input"),
-    (_Twice, "runs more than once"),
+    (partial(LinearTwice, 6), "runs more than once"),
     (_Tied, "ties weights"),
     (_NormFirst, "is a LayerNorm"),
 ])

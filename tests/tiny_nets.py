@@ -31,6 +31,18 @@ def bn_mlp(d_in: int, widths: Sequence[int], n_cls: int, momentum: float | None 
     return nn.Sequential(*layers, nn.Linear(d_in, n_cls))
 
 
+class LinearTwice(nn.Module):
+    """One ``Linear(width, width)`` applied twice, ``fc(relu(fc(x)))``: a module that runs more than once per
+    forward (what per-module hooks and first-layer shortcuts must notice)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.fc(x)))
+
+
 def bn_point(make: Callable[[], nn.Module], seed: int, dtype: torch.dtype | None = None) -> Params:
     """``make()``'s initialisation under ``torch.manual_seed(seed)``, with non-trivial BatchNorm statistics
     (running_mean ~ N(0, 1), running_var ~ U(0.5, 1.5), num_batches_tracked = seed + 3); floating entries
