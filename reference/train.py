@@ -74,7 +74,7 @@ from .fit import (
 )
 from .optim import OPTIMIZERS, SCHEDULES, TrainConfig, clip_grads, lr_schedule, opt_step_
 from .params import Params, check_compatible, check_finite
-from .validate import choice
+from .validate import choice, integer
 
 __all__ = [
     "OPTIMIZERS",
@@ -150,12 +150,9 @@ def train_many(
         )
     check_compatible(*params_list)
     choice("strategy", strategy, ("auto", "vmap", "sequential"))
-    cumulative = [
-        name for name, mod in model.named_modules()
-        if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats and mod.momentum is None
-    ]
+    cumulative = _cumulative_norms(model)
     if strategy == "auto":
-        strategy = "sequential" if cumulative else choose_strategy(model, params_list[0], x, cfg, device)
+        strategy = choose_strategy(model, params_list[0], x, cfg, device)
     if strategy == "sequential":
         return [train(model, p, x, y, cfg, s, device, progress) for p, s in zip(params_list, seeds, strict=True)]
     if cumulative:
@@ -176,18 +173,30 @@ _VMAP_MAX_STEP_FLOPS = 30e6  # 2 or more torch threads
 _VMAP_MAX_STEP_FLOPS_ONE_THREAD = 0.6e6
 
 
+def _cumulative_norms(model: nn.Module) -> list[str]:
+    """The norm layers with ``momentum=None`` (a cumulative running average): they cannot run under vmap."""
+    return [name for name, mod in model.named_modules()
+            if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats and mod.momentum is None]
+
+
 def choose_strategy(
     model: nn.Module, point: Mapping[str, Tensor], x: Tensor, cfg: TrainConfig,
-    device: torch.device | str | None = None,
+    device: torch.device | str | None = None, threads: int | None = None,
 ) -> str:
-    """``train_many``'s ``"auto"``: ``"vmap"`` on CUDA; on the CPU ``"vmap"`` when one model's forward on a
-    minibatch (``reference.cost.forward_cost`` × ``batch_size``) costs < 30 MFLOP with 2 or more torch
-    threads, < 0.6 MFLOP with 1, and runs no convolution (vmapped convolutions are slow on the CPU), else
-    ``"sequential"``. Depends on the architecture, the config and the thread count, never on a timing."""
+    """``train_many``'s ``"auto"``: ``"sequential"`` for a model with a ``momentum=None`` norm layer (it cannot
+    run under vmap); else ``"vmap"`` on CUDA; on the CPU ``"vmap"`` when one model's forward on a minibatch
+    (``reference.cost.forward_cost`` × ``batch_size``) costs < 30 MFLOP with 2 or more torch threads, < 0.6
+    MFLOP with 1, and runs no convolution (vmapped convolutions are slow on the CPU), else ``"sequential"``.
+    ``threads``: the torch threads the training will run with (default: this process's; a runner deciding
+    for a worker process passes the worker's). Depends on the architecture, the config and the thread count,
+    never on a timing."""
+    if _cumulative_norms(model):
+        return "sequential"
     if resolve_device(device, point).type != "cpu":
         return "vmap"
+    n = torch.get_num_threads() if threads is None else integer("threads", threads)
     flops, conv = forward_cost(model, point, x)
-    limit = _VMAP_MAX_STEP_FLOPS_ONE_THREAD if torch.get_num_threads() == 1 else _VMAP_MAX_STEP_FLOPS
+    limit = _VMAP_MAX_STEP_FLOPS_ONE_THREAD if n == 1 else _VMAP_MAX_STEP_FLOPS
     return "sequential" if conv or flops * min(cfg.batch_size, x.shape[0]) >= limit else "vmap"
 
 

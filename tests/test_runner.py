@@ -147,6 +147,44 @@ def test_the_thread_count_is_part_of_every_key(tmp_path, capsys):
     assert proc["device"].endswith("1 threads)") and _endpoints(tmp_path) == 4 and len(_jobs(tmp_path)) == 4
 
 
+def test_groups_trained_one_after_another_are_one_job_per_endpoint(tmp_path, capsys):
+    """A group that ``train_many`` trains one after another (a 19 MFLOP step with one torch thread) is planned as
+    one training job per endpoint, so worker processes share it out; the endpoints are bit-identical to the
+    group trained by ``train_many`` in one call. A group it trains at once (vmap) stays one job."""
+    from reference.data import load_dataset
+    from reference.models import build_model, init_params
+    from reference.train import train_many
+    from repro.runner.context import DataRef, Endpoint, JobContext, data_fingerprint
+    from repro.runner.endpoints import load_endpoint, plan_training
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        s = _run(tmp_path, overrides=[("width", "512")])
+        out = capsys.readouterr().out
+        assert "training 2 of 2 endpoints in 2 job(s) (0 of groups trained at once, 2 of one endpoint)" in out
+        data = load_dataset("digits")
+        ref = DataRef("digits", data_fingerprint(data), None)
+        mcfg = {"name": "mlp", "in_features": data.x_train.shape[1], "widths": [512], "num_classes": data.num_classes,
+                "bias": True}
+        cfg = get_target("toy").sizes["quick"].train
+        es = [Endpoint(mcfg, cfg, i, ref) for i in range(2)]
+        model = build_model(mcfg)
+        group = train_many(model, [init_params(model, e.seed) for e in es], data.x_train, data.y_train, cfg,
+                           [e.seed for e in es], device="cpu", progress=False)
+        ctx = JobContext(device="cpu", cache_dir=str(tmp_path / "cache"), numerics=s["device"])
+        for e, want in zip(es, group, strict=True):
+            got = load_endpoint(tmp_path / "cache", e, ctx.numerics)
+            assert all(torch.equal(got[k], want[k]) for k in want)
+        assert plan_training(es, ctx, threads=1) == [((es[0],), "sequential"), ((es[1],), "sequential")]
+        assert plan_training(es, ctx, threads=2) == [(tuple(es), "vmap")]  # 19 MFLOP < 30 with 2 threads
+        narrow = [Endpoint({**mcfg, "widths": [4]}, cfg, i, ref) for i in range(2)]
+        assert plan_training([*narrow, *es], ctx, threads=1) == [
+            (tuple(narrow), "vmap"), ((es[0],), "sequential"), ((es[1],), "sequential")]
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_another_cpu_recomputes(tmp_path, monkeypatch, capsys):
     """Defect: keys named the CPU by its architecture only ('x86_64'), and two machines of one kind whose MKL
     took other code paths computed different floats from the same code, seeds and threads. Now the key names

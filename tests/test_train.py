@@ -284,6 +284,17 @@ def test_train_many_strategy_auto_and_sequential() -> None:
     assert choose_strategy(wide, init_params(wide, 0), x, TrainConfig.adam(1, batch_size=64), "cpu") == "sequential"
     conv = CNN1D(1, (4,), 3)
     assert choose_strategy(conv, init_params(conv, 0), torch.randn(8, 1, 40), cfg, "cpu") == "sequential"
+    # the thread count of the training decides, given or this process's: 19 MFLOP per step is vmap with 2
+    # threads (< 30), sequential with 1 (>= 0.6)
+    mid, cfg256 = MLP(64, [512], 10), TrainConfig.adam(1, batch_size=256)
+    xm = torch.randn(300, 64)
+    assert choose_strategy(mid, init_params(mid, 0), xm, cfg256, "cpu", threads=2) == "vmap"
+    assert choose_strategy(mid, init_params(mid, 0), xm, cfg256, "cpu", threads=1) == "sequential"
+    with pytest.raises(ValueError, match="threads"):
+        choose_strategy(mid, init_params(mid, 0), xm, cfg256, "cpu", threads=0)
+    # a cumulative BatchNorm (momentum=None) cannot run under vmap: sequential on every device
+    cum = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 3))
+    assert choose_strategy(cum, init_params(cum, 0), x, cfg, "cpu") == "sequential"
 
 
 def test_config_validation_and_provenance() -> None:

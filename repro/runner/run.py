@@ -22,7 +22,7 @@ from .cache import JobCache, job_key
 from .config import config_for
 from .context import DataRef, JobContext, LoadedData, code_version, data_fingerprint, device_description, find_endpoints
 from .declare import Job, Report, Results, Target
-from .endpoints import missing_endpoints, train_group
+from .endpoints import missing_endpoints, plan_training, train_group
 from .executors import make_executor
 from .output import Staging, check_writable, clean_stale, lock
 from .util import config_hash, jsonable
@@ -60,13 +60,15 @@ class RunOptions:
 
 @dataclass(frozen=True)
 class TrainGroup:
-    """A job's dependency made a job: train these endpoints (equal but for their seeds) K at once."""
+    """A job's dependency made a job: train these endpoints (equal but for their seeds) with ``train_many``'s
+    ``strategy`` (``endpoints.plan_training``: K at once under vmap, or one endpoint)."""
 
     endpoints: tuple
+    strategy: str = "auto"
 
 
 def _train_group(args: TrainGroup, ctx: JobContext) -> dict:
-    return train_group(args.endpoints, ctx)
+    return train_group(args.endpoints, ctx, args.strategy)
 
 
 def git_commit() -> dict[str, Any]:
@@ -221,13 +223,12 @@ def _run_jobs(t: Target, jobs: list[Job], ctx: JobContext, executor, cache_dir: 
         for e in find_endpoints(j.args):
             eps.setdefault(config_hash(e.key()), e)
     missing = missing_endpoints(cache_dir, list(eps.values()), ctx.numerics, log)
-    groups: dict[str, list] = {}
-    for e in missing:
-        groups.setdefault(e.group(), []).append(e)
-    if groups:
-        log(f"  training {len(missing)} of {len(eps)} endpoints ({len(groups)} group(s)); "
-            f"{len(eps) - len(missing)} cached")
-        items = [(_train_group, TrainGroup(tuple(g))) for g in groups.values()]
+    if missing:
+        plan = plan_training(missing, ctx, executor.threads)
+        at_once = sum(s == "vmap" for _, s in plan)
+        log(f"  training {len(missing)} of {len(eps)} endpoints in {len(plan)} job(s) ({at_once} of groups trained "
+            f"at once, {len(plan) - at_once} of one endpoint); {len(eps) - len(missing)} cached")
+        items = [(_train_group, TrainGroup(es, s)) for es, s in plan]
         for _ in executor.imap(items, ctx):
             clock.save()
     elif eps:
