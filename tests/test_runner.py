@@ -33,6 +33,7 @@ ROOT = TESTS.parent
 
 
 def _run(tmp_path: Path, name: str = "toy", **kw):
+    kw.setdefault("executor", "local")  # in this process, unless a test asks for another executor
     opts = RunOptions(size=kw.pop("size", "quick"), out=tmp_path / "out", cache_dir=tmp_path / "cache",
                       device="cpu", progress=False, **kw)
     return run_target(get_target(name), opts)
@@ -60,6 +61,8 @@ def _env(**extra) -> dict:
 def _cli(tmp_path: Path, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "repro", "run", *args, "--out", str(tmp_path / "out"),
            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
+    if "--executor" not in args:
+        cmd += ["--executor", "local"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or _env(), cwd=ROOT)
 
 
@@ -163,6 +166,11 @@ def test_groups_trained_one_after_another_are_one_job_per_endpoint(tmp_path, cap
         s = _run(tmp_path, overrides=[("width", "512")])
         out = capsys.readouterr().out
         assert "training 2 of 2 endpoints in 2 job(s) (0 of groups trained at once, 2 of one endpoint)" in out
+        # the provenance times the two phases of this invocation (the log keeps no wall time)
+        jobs = json.loads((tmp_path / "out" / "toy" / "provenance.json").read_text())["jobs"]
+        assert jobs["endpoint_training_s"] > 0 and jobs["jobs_s"] > 0 and jobs["endpoints_trained"] == 2
+        log = (tmp_path / "out" / "toy" / "run.log").read_text()
+        assert "trained 2 endpoints in" in out and "trained 2 endpoints in" not in log and " jobs in " not in log
         data = load_dataset("digits")
         ref = DataRef("digits", data_fingerprint(data), None)
         mcfg = {"name": "mlp", "in_features": data.x_train.shape[1], "widths": [512], "num_classes": data.num_classes,
@@ -346,7 +354,7 @@ def test_a_killed_run_leaves_the_previous_set_and_its_leftovers_are_cleaned(tmp_
     d = tmp_path / "out" / "toy"
     before = {p.name: p.read_bytes() for p in d.iterdir()}
     cmd = [sys.executable, "-m", "repro", "run", "toy", "--set", "sleep=30", "--out", str(tmp_path / "out"),
-           "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
+           "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu", "--executor", "local"]
     pidfile = tmp_path / "pids"
     p = subprocess.Popen(cmd, env=_env(TOY_PIDFILE=str(pidfile)), cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
@@ -502,6 +510,8 @@ def test_cli_errors(tmp_path, capsys):
     assert "field=value" in capsys.readouterr().err
     assert main(["run", "toy", "--data-dir", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
+    assert main(["run", "toy", "--executor", "local", "--workers", "2"]) == 2  # refused, not ignored
+    assert "--workers is for --executor auto, process or ray" in capsys.readouterr().err
     import torch
 
     if not torch.cuda.is_available():

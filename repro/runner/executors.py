@@ -4,8 +4,12 @@ An executor calls ``fn(args, ctx)`` for each ``(fn, args)`` item and yields ``(i
 jobs finish; the runner caches each result as it arrives, so an interrupted run keeps the finished jobs.
 Results are made JSON-able where the job ran, so no tensor travels back.
 
-- ``local``: sequential, in this process, in job order.
-- ``process``: a ``spawn`` pool of ``--workers`` processes (default: all cores), one torch thread each.
+- ``auto`` (the default): ``process`` on the CPU, one worker per usable core; ``local`` on a GPU (one process
+  holds the device), unless ``--workers`` is given. On the CPU every job thus runs with one torch thread, so the
+  floats of a run do not depend on how many cores the machine has (the thread count steers summation order and
+  the evaluator's and ``train_many``'s choices), and the jobs of a target share the cores.
+- ``local``: sequential, in this process, in job order, with this process's torch threads.
+- ``process``: a ``spawn`` pool of ``--workers`` processes (default: one per usable core), one torch thread each.
   Workers end with the main process however it ends: on Linux the kernel sends them SIGKILL when it dies
   (``PR_SET_PDEATHSIG``), and on every platform a watchdog thread in each worker exits when its parent's
   pid changes.
@@ -31,9 +35,9 @@ from reference import validate
 from .context import JobContext
 from .util import jsonable
 
-__all__ = ["EXECUTORS", "LocalExecutor", "ProcessExecutor", "RayExecutor", "make_executor"]
+__all__ = ["EXECUTORS", "LocalExecutor", "ProcessExecutor", "RayExecutor", "make_executor", "usable_cores"]
 
-EXECUTORS = ("local", "process", "ray")
+EXECUTORS = ("auto", "local", "process", "ray")
 RAY_MISSING = "the ray executor needs Ray, which is not installed: pip install .[ray]  (or: pip install 'ray>=2.9')"
 
 Item = tuple[Callable[..., Any], Any]  # (fn, args)
@@ -113,9 +117,17 @@ def check_picklable(fn: Callable[..., Any], args: Any) -> None:
             from e
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity; ``os.cpu_count()`` where that is unknown)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 class ProcessExecutor:
     def __init__(self, workers: int | None = None, threads_per_worker: int = 1):
-        workers = (os.cpu_count() or 1) if workers is None else workers
+        workers = usable_cores() if workers is None else workers
         self.workers = validate.integer("workers", workers)
         self.threads_per_worker = validate.integer("threads_per_worker", threads_per_worker)
 
@@ -220,10 +232,15 @@ class RayExecutor:
         return f"RayExecutor({self.address or f'local, num_cpus={self.num_cpus}'})"
 
 
-def make_executor(kind: str = "local", workers: int | None = None, address: str | None = None):
+def make_executor(kind: str = "auto", workers: int | None = None, address: str | None = None, device: str = "cpu"):
+    """The executor ``kind`` names; ``"auto"`` resolves by ``device`` (the module docstring)."""
     validate.choice("executor", kind, EXECUTORS)
     if address and kind != "ray":
         raise ValueError(f"an address ({address!r}) is for the ray executor, not {kind!r}")
+    if kind == "auto":
+        import torch
+
+        kind = "process" if torch.device(device).type == "cpu" or workers is not None else "local"
     if kind == "local":
         return LocalExecutor()
     if kind == "process":

@@ -51,7 +51,7 @@ class RunOptions:
     data_dir: Path | None = None
     out: Path | None = None
     cache_dir: Path | None = None
-    executor: str = "local"
+    executor: str = "auto"
     workers: int | None = None
     address: str | None = None
     progress: bool = True
@@ -152,7 +152,10 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
     log = _Log()
     clean_stale(out_root, log)
     clean_stale(cache_dir, log)
-    executor = make_executor(opts.executor, opts.workers, opts.address)
+    if opts.workers is not None and opts.executor == "local":
+        raise ValueError(f"--workers {opts.workers} is for the process and ray executors; the local executor runs "
+                         "the jobs in this process")
+    executor = make_executor(opts.executor, opts.workers, opts.address, device=str(device))
     with lock(out_root, name):
         data = load_dataset(cfg.dataset, data_dir=opts.data_dir)
         ref = DataRef(cfg.dataset, data_fingerprint(data), str(opts.data_dir) if opts.data_dir else None)
@@ -217,12 +220,13 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
 
 def _run_jobs(t: Target, jobs: list[Job], ctx: JobContext, executor, cache_dir: Path, code: str,
               device: torch.device, log, clock: _Clock) -> dict[str, Any]:
-    # 1. endpoints every job declares, trained before the jobs, one executor job per group
+    # 1. endpoints every job declares, trained before the jobs (endpoints.plan_training: a job per group or endpoint)
     eps: dict[str, Any] = {}
     for j in jobs:
         for e in find_endpoints(j.args):
             eps.setdefault(config_hash(e.key()), e)
     missing = missing_endpoints(cache_dir, list(eps.values()), ctx.numerics, log)
+    t0 = time.perf_counter()
     if missing:
         plan = plan_training(missing, ctx, executor.threads)
         at_once = sum(s == "vmap" for _, s in plan)
@@ -231,8 +235,10 @@ def _run_jobs(t: Target, jobs: list[Job], ctx: JobContext, executor, cache_dir: 
         items = [(_train_group, TrainGroup(es, s)) for es, s in plan]
         for _ in executor.imap(items, ctx):
             clock.save()
+        print(f"  trained {len(missing)} endpoints in {time.perf_counter() - t0:.1f} s", flush=True)  # not in run.log
     elif eps:
         log(f"  all {len(eps)} endpoints cached")
+    training_s = time.perf_counter() - t0
     # 2. the jobs, each cached under its full key
     cache = JobCache(cache_dir / "jobs" / t.name, log)
     keys = [job_key(j, code, ctx.numerics) for j in jobs]
@@ -261,9 +267,14 @@ def _run_jobs(t: Target, jobs: list[Job], ctx: JobContext, executor, cache_dir: 
             results[j] = stored
         clock.save()
 
+    t1 = time.perf_counter()
     for n, value in executor.imap([(jobs[i].fn, jobs[i].args) for i in first], ctx):
         on_result(n, value)
     if any(results[i] is None for i in first):
         raise RuntimeError(f"{executor!r} returned results for fewer than {len(first)} jobs")
+    if first:
+        print(f"  ran {len(first)} jobs in {time.perf_counter() - t1:.1f} s", flush=True)  # (wall times: provenance)
+    # wall times of this invocation's two phases (endpoint training, then the jobs), for the provenance
     return {"total": len(jobs), "run": len(first), "cached": len(jobs) - len(first),
-            "endpoints": len(eps), "endpoints_trained": len(missing), "results": results}
+            "endpoints": len(eps), "endpoints_trained": len(missing), "endpoint_training_s": round(training_s, 2),
+            "jobs_s": round(time.perf_counter() - t1, 2), "results": results}
