@@ -42,12 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"endpoint and job cache (default: $MODECONN_CACHE or {default_cache_dir()})")
     r.add_argument("--dataset", default=None, help="a dataset the target supports (see `list`)")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
-    r.add_argument("--executor", default="auto", choices=EXECUTORS,
-                   help="where jobs run: auto (default): worker processes of one torch thread each on the CPU, one "
-                        "per core, this process on a GPU; local: this process (its torch threads); process: worker "
-                        "processes; ray: Ray tasks")
+    r.add_argument("--executor", default="local", choices=EXECUTORS,
+                   help="where jobs run: this process with its torch threads (default), worker processes of one torch "
+                        "thread each, or Ray tasks; the thread count is part of every cache key")
     r.add_argument("--workers", type=int, default=None,
-                   help="auto, process: worker processes (default: one per usable core); ray: CPUs of a local instance")
+                   help="process: worker processes (default: one per usable core); ray: CPUs of a local instance")
     r.add_argument("--address", default=None, help="ray: the cluster to join (e.g. auto)")
     align.add_parser(sub)
     rep = sub.add_parser("report", help="build the results site (one folder) or compare two runs (two folders)")
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
         return 2
     if args.workers is not None and args.executor == "local":
-        print("error: --workers is for --executor auto, process or ray (local runs the jobs in this process)",
+        print("error: --workers is for --executor process or ray (local runs the jobs in this process)",
               file=sys.stderr)
         return 2
     if args.address is not None and args.executor != "ray":

@@ -361,8 +361,7 @@ def test_target_quick_run(tmp_path):
     from repro.runner.run import RunOptions, run_target
 
     tgt = get_target("rashomon-hessian")
-    opts = RunOptions(size="quick", out=tmp_path / "out", cache_dir=tmp_path / "cache", device="cpu", progress=False,
-                      executor="local")
+    opts = RunOptions(size="quick", out=tmp_path / "out", cache_dir=tmp_path / "cache", device="cpu", progress=False)
     summary = run_target(tgt, opts)
     out = tmp_path / "out" / "rashomon-hessian"
     for name in ("spectrum", "hvp_directions", "estimators"):

@@ -69,7 +69,7 @@ def _data_dir(name: str, dirs: dict) -> Path | None:
 def test_paper_size_runs_end_to_end(name, data_dirs, tmp_path):
     overrides = [tuple(s.split("=", 1)) for s in TINY[name]]
     opts = RunOptions(size="paper", data_dir=_data_dir(name, data_dirs), overrides=overrides, out=tmp_path / "out",
-                      cache_dir=tmp_path / "cache", device="cpu", progress=False, executor="local")
+                      cache_dir=tmp_path / "cache", device="cpu", progress=False)
     summary = run_target(get_target(name), opts)
     assert summary["size"] == "paper"
     assert [c["id"] for c in summary["claims"]] == list(get_target(name).claim_ids)

@@ -33,7 +33,6 @@ ROOT = TESTS.parent
 
 
 def _run(tmp_path: Path, name: str = "toy", **kw):
-    kw.setdefault("executor", "local")  # in this process, unless a test asks for another executor
     opts = RunOptions(size=kw.pop("size", "quick"), out=tmp_path / "out", cache_dir=tmp_path / "cache",
                       device="cpu", progress=False, **kw)
     return run_target(get_target(name), opts)
@@ -61,8 +60,6 @@ def _env(**extra) -> dict:
 def _cli(tmp_path: Path, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "repro", "run", *args, "--out", str(tmp_path / "out"),
            "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
-    if "--executor" not in args:
-        cmd += ["--executor", "local"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or _env(), cwd=ROOT)
 
 
@@ -354,7 +351,7 @@ def test_a_killed_run_leaves_the_previous_set_and_its_leftovers_are_cleaned(tmp_
     d = tmp_path / "out" / "toy"
     before = {p.name: p.read_bytes() for p in d.iterdir()}
     cmd = [sys.executable, "-m", "repro", "run", "toy", "--set", "sleep=30", "--out", str(tmp_path / "out"),
-           "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu", "--executor", "local"]
+           "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--device", "cpu"]
     pidfile = tmp_path / "pids"
     p = subprocess.Popen(cmd, env=_env(TOY_PIDFILE=str(pidfile)), cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
@@ -511,7 +508,7 @@ def test_cli_errors(tmp_path, capsys):
     assert main(["run", "toy", "--data-dir", str(tmp_path / "nope")]) == 2
     assert "is not a directory" in capsys.readouterr().err
     assert main(["run", "toy", "--executor", "local", "--workers", "2"]) == 2  # refused, not ignored
-    assert "--workers is for --executor auto, process or ray" in capsys.readouterr().err
+    assert "--workers is for --executor process or ray" in capsys.readouterr().err
     import torch
 
     if not torch.cuda.is_available():

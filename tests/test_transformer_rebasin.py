@@ -78,8 +78,7 @@ def test_headless_spec_moves_units_across_heads_and_breaks_the_function():
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("transformer-rebasin")
-    opts = RunOptions(size="quick", out=root / "out", cache_dir=root / "cache", device="cpu", progress=False,
-                      executor="local")
+    opts = RunOptions(size="quick", out=root / "out", cache_dir=root / "cache", device="cpu", progress=False)
     summary = run_target(get_target(NAME), opts)
     return root, summary
 

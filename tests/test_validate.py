@@ -205,14 +205,11 @@ def test_executor_argument_checks():
         ProcessExecutor(True)
     with pytest.raises(TypeError, match="threads_per_worker must be an integer"):
         ProcessExecutor(1, threads_per_worker=1.5)
-    with pytest.raises(ValueError,
-                       match=r"unknown executor 'threads'; use one of \('auto', 'local', 'process', 'ray'\)"):
+    with pytest.raises(ValueError, match=r"unknown executor 'threads'; use one of \('local', 'process', 'ray'\)"):
         make_executor("threads")
+    with pytest.raises(ValueError, match=r"workers \(2\) are for the process and ray executors"):
+        make_executor("local", 2)  # refused, not ignored
     assert ProcessExecutor(2).workers == 2
-    # auto: worker processes (one torch thread each) on the CPU, this process on a GPU unless workers are asked for
-    from repro.runner.executors import LocalExecutor, usable_cores
+    from repro.runner.executors import usable_cores
 
-    auto = make_executor("auto", device="cpu")
-    assert isinstance(auto, ProcessExecutor) and auto.workers == usable_cores() and auto.threads == 1
-    assert isinstance(make_executor("auto", device="cuda"), LocalExecutor)
-    assert make_executor("auto", 3, device="cuda").workers == 3
+    assert make_executor("process").workers == usable_cores() and make_executor("process").threads == 1

@@ -4,11 +4,7 @@ An executor calls ``fn(args, ctx)`` for each ``(fn, args)`` item and yields ``(i
 jobs finish; the runner caches each result as it arrives, so an interrupted run keeps the finished jobs.
 Results are made JSON-able where the job ran, so no tensor travels back.
 
-- ``auto`` (the default): ``process`` on the CPU, one worker per usable core; ``local`` on a GPU (one process
-  holds the device), unless ``--workers`` is given. On the CPU every job thus runs with one torch thread, so the
-  floats of a run do not depend on how many cores the machine has (the thread count steers summation order and
-  the evaluator's and ``train_many``'s choices), and the jobs of a target share the cores.
-- ``local``: sequential, in this process, in job order, with this process's torch threads.
+- ``local`` (the default): sequential, in this process, in job order, with this process's torch threads.
 - ``process``: a ``spawn`` pool of ``--workers`` processes (default: one per usable core), one torch thread each.
   Workers end with the main process however it ends: on Linux the kernel sends them SIGKILL when it dies
   (``PR_SET_PDEATHSIG``), and on every platform a watchdog thread in each worker exits when its parent's
@@ -37,7 +33,7 @@ from .util import jsonable
 
 __all__ = ["EXECUTORS", "LocalExecutor", "ProcessExecutor", "RayExecutor", "make_executor", "usable_cores"]
 
-EXECUTORS = ("auto", "local", "process", "ray")
+EXECUTORS = ("local", "process", "ray")
 RAY_MISSING = "the ray executor needs Ray, which is not installed: pip install .[ray]  (or: pip install 'ray>=2.9')"
 
 Item = tuple[Callable[..., Any], Any]  # (fn, args)
@@ -232,15 +228,13 @@ class RayExecutor:
         return f"RayExecutor({self.address or f'local, num_cpus={self.num_cpus}'})"
 
 
-def make_executor(kind: str = "auto", workers: int | None = None, address: str | None = None, device: str = "cpu"):
-    """The executor ``kind`` names; ``"auto"`` resolves by ``device`` (the module docstring)."""
+def make_executor(kind: str = "local", workers: int | None = None, address: str | None = None):
     validate.choice("executor", kind, EXECUTORS)
     if address and kind != "ray":
         raise ValueError(f"an address ({address!r}) is for the ray executor, not {kind!r}")
-    if kind == "auto":
-        import torch
-
-        kind = "process" if torch.device(device).type == "cpu" or workers is not None else "local"
+    if workers is not None and kind == "local":
+        raise ValueError(f"workers ({workers}) are for the process and ray executors; the local executor runs the "
+                         "jobs in this process")
     if kind == "local":
         return LocalExecutor()
     if kind == "process":

@@ -51,7 +51,7 @@ class RunOptions:
     data_dir: Path | None = None
     out: Path | None = None
     cache_dir: Path | None = None
-    executor: str = "auto"
+    executor: str = "local"
     workers: int | None = None
     address: str | None = None
     progress: bool = True
@@ -152,10 +152,7 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
     log = _Log()
     clean_stale(out_root, log)
     clean_stale(cache_dir, log)
-    if opts.workers is not None and opts.executor == "local":
-        raise ValueError(f"--workers {opts.workers} is for the process and ray executors; the local executor runs "
-                         "the jobs in this process")
-    executor = make_executor(opts.executor, opts.workers, opts.address, device=str(device))
+    executor = make_executor(opts.executor, opts.workers, opts.address)
     with lock(out_root, name):
         data = load_dataset(cfg.dataset, data_dir=opts.data_dir)
         ref = DataRef(cfg.dataset, data_fingerprint(data), str(opts.data_dir) if opts.data_dir else None)
