@@ -563,6 +563,26 @@ def test_the_code_version_covers_the_runners_compute_modules(tmp_path):
     assert versions[1] == versions[0] and len(set(versions[1:])) == 3
 
 
+def test_the_process_pool_serves_every_map_until_closed(tmp_path):
+    """One pool per executor: a run's endpoint training and its jobs run in the same workers (two maps, one
+    start-up); a failing map shuts the pool down, and the next map starts a fresh one."""
+    from repro.runner.context import JobContext
+    from repro.runner.executors import ProcessExecutor
+
+    ctx = JobContext(device="cpu", cache_dir=str(tmp_path))
+    ex = ProcessExecutor(workers=1)
+    try:
+        first = {r["pid"] for _, r in ex.imap([(toy_target.pid_job, "a"), (toy_target.pid_job, "b")], ctx)}
+        second = {r["pid"] for _, r in ex.imap([(toy_target.pid_job, "c")], ctx)}
+        assert len(first) == 1 and first == second and os.getpid() not in first
+        with pytest.raises(RuntimeError, match="pid_job fails on purpose"):
+            list(ex.imap([(toy_target.pid_job, "fail")], ctx))
+        third = {r["pid"] for _, r in ex.imap([(toy_target.pid_job, "d")], ctx)}
+        assert third.isdisjoint(first) and not _alive(next(iter(first)))  # the failed pool's worker is gone
+    finally:
+        ex.close()
+
+
 def test_an_edit_of_reference_during_a_run_is_refused(tmp_path, monkeypatch):
     """A job sees the code version the run began with: when ``reference/`` changed on disk since (a worker
     started after the edit imports the new code while the run files results under the old keys), the job

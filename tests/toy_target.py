@@ -61,6 +61,13 @@ def toy_job(args: ToyArgs, ctx: JobContext) -> dict:
             "x_sum": float(data.x_train.double().sum())}
 
 
+def pid_job(args: str, ctx: JobContext) -> dict:
+    """The worker's pid; ``args == "fail"`` raises (the process executor's pool tests)."""
+    if args == "fail":
+        raise RuntimeError("pid_job fails on purpose")
+    return {"pid": os.getpid()}
+
+
 def toy_jobs(cfg: ToyConfig, data) -> list[Job]:
     mcfg = {"name": "mlp", "in_features": data.in_features, "widths": [cfg.width], "num_classes": data.num_classes,
             "bias": True}

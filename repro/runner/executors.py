@@ -5,7 +5,9 @@ jobs finish; the runner caches each result as it arrives, so an interrupted run 
 Results are made JSON-able where the job ran, so no tensor travels back.
 
 - ``local`` (the default): sequential, in this process, in job order, with this process's torch threads.
-- ``process``: a ``spawn`` pool of ``--workers`` processes (default: one per usable core), one torch thread each.
+- ``process``: a ``spawn`` pool of ``--workers`` processes (default: one per usable core), one torch thread each,
+  started at the first map and kept until ``close`` (a run's endpoint training and its jobs share it; a map that
+  fails or is abandoned shuts it down).
   Workers end with the main process however it ends: on Linux the kernel sends them SIGKILL when it dies
   (``PR_SET_PDEATHSIG``), and on every platform a watchdog thread in each worker exits when its parent's
   pid changes.
@@ -126,6 +128,7 @@ class ProcessExecutor:
         workers = usable_cores() if workers is None else workers
         self.workers = validate.integer("workers", workers)
         self.threads_per_worker = validate.integer("threads_per_worker", threads_per_worker)
+        self._pool: cf.ProcessPoolExecutor | None = None
 
     @property
     def threads(self) -> int:
@@ -138,11 +141,15 @@ class ProcessExecutor:
             return
         for fn, args in items:
             check_picklable(fn, args)
-        pool = cf.ProcessPoolExecutor(max_workers=min(self.workers, len(items)),
-                                      mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(self.threads_per_worker, os.getpid()))
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(
+                max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker,
+                initargs=(self.threads_per_worker, os.getpid()))
+        futures: dict[cf.Future, int] = {}
+        finished = False
         try:
-            futures = {pool.submit(_call, fn, args, ctx): i for i, (fn, args) in enumerate(items)}
+            for i, (fn, args) in enumerate(items):
+                futures[self._pool.submit(_call, fn, args, ctx)] = i
             for fut in cf.as_completed(futures):
                 i = futures[fut]
                 try:
@@ -151,11 +158,18 @@ class ProcessExecutor:
                     _note(e, _describe(items[i]))
                     raise
                 yield i, result
+            finished = True
         finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            if not finished:  # a job failed, or the caller stopped reading: nothing of this map may run on
+                for fut in futures:
+                    fut.cancel()
+                self.close()
 
     def close(self) -> None:
-        pass
+        """Shut the pool down (waiting for running jobs, cancelling queued ones); the next map starts a new one."""
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def __repr__(self) -> str:
         return f"ProcessExecutor(workers={self.workers})"
