@@ -84,6 +84,19 @@ def test_changed_data_content_recomputes_everything(tmp_path):
     assert len(_jobs(tmp_path)) == prov_before and _endpoints(tmp_path) == 4
 
 
+def test_a_run_loads_its_data_once_in_this_process(tmp_path, monkeypatch):
+    """The runner loads and fingerprints the data, and the training plan and the local jobs take that copy:
+    no second load (MNIST-1D's generation takes seconds)."""
+    import repro.runner.context as context
+
+    make_mnist(tmp_path / "D", n_train=30, n_test=10, seed=3)  # a folder no other test loads
+    loads = []
+    real = context.load_dataset
+    monkeypatch.setattr(context, "load_dataset", lambda *a, **k: loads.append(a) or real(*a, **k))
+    _run(tmp_path, size="paper", data_dir=tmp_path / "D")
+    assert loads == [] and _endpoints(tmp_path) == 2
+
+
 def test_a_real_target_keys_by_content(tmp_path):
     """The same on ainsworth2023-mlp's paper path (MNIST IDX files), a few steps."""
     sets = ["widths=[8]", "depth=1", "pairs=1", "grid=3", "restarts=1", "train.epochs=1", "train.batch_size=64"]

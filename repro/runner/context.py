@@ -141,6 +141,12 @@ def _remember(memo: dict, key: tuple, value: Dataset) -> None:
     memo[key] = value
 
 
+def remember_data(ref: DataRef, data: Dataset) -> None:
+    """Give this process's ``JobContext.data`` the dataset a run loaded and fingerprinted as ``ref``, so that
+    the jobs and the training plan of that run in this process do not load it a second time."""
+    _remember(_DATA, (ref.dataset, ref.data_dir, ref.fingerprint), data)
+
+
 @functools.cache
 def cpu_identity() -> str:
     """The CPU as far as its floats depend on it: the architecture, the model (``/proc/cpuinfo``'s model

@@ -20,7 +20,16 @@ from reference.data import load_dataset
 
 from .cache import JobCache, job_key
 from .config import config_for
-from .context import DataRef, JobContext, LoadedData, code_version, data_fingerprint, device_description, find_endpoints
+from .context import (
+    DataRef,
+    JobContext,
+    LoadedData,
+    code_version,
+    data_fingerprint,
+    device_description,
+    find_endpoints,
+    remember_data,
+)
 from .declare import Job, Report, Results, Target
 from .endpoints import missing_endpoints, plan_training, train_group
 from .executors import make_executor
@@ -156,6 +165,7 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
     with lock(out_root, name):
         data = load_dataset(cfg.dataset, data_dir=opts.data_dir)
         ref = DataRef(cfg.dataset, data_fingerprint(data), str(opts.data_dir) if opts.data_dir else None)
+        remember_data(ref, data)
         log(f"{name}: size {opts.size}, dataset {cfg.dataset} (fingerprint {ref.fingerprint}), seed {cfg.seed}, "
             f"device {device}, executor {executor!r}")
         for k, v in opts.overrides:
