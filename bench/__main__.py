@@ -110,6 +110,26 @@ def goals_table(rows) -> list[str]:
             *(f"| {g} | {case} | {measured} | {verdict} |" for g, case, measured, verdict in goals)]
 
 
+def parse_peaks(out: str) -> list[tuple[str, str, str]]:
+    """``(case, device, measured)`` of every line ``peak: [CASE, DEVICE]: MEASURED`` in ``out``
+    (``harness.peak_line``)."""
+    found = []
+    for line in out.splitlines():
+        m = re.match(r"peak: \[(.*), ([^,\]]*(?:\([^)]*\))?)\]: (.*)$", line.strip())
+        if m:
+            found.append((m[1], m[2], m[3]))
+    return found
+
+
+def peaks_table(rows) -> list[str]:
+    """The Markdown table of every ``peak:`` line the benchmarks printed (none: an empty list)."""
+    peaks = [(name, *p) for name, _, out, _, _ in rows for p in parse_peaks(out)]
+    if not peaks:
+        return []
+    return ["| benchmark | case | device | reached |", "|---|---|---|---|",
+            *(f"| {name} | {case} | {dev} | {measured} |" for name, case, dev, measured in peaks)]
+
+
 README_START, README_END = "<!-- bench:goals:start -->", "<!-- bench:goals:end -->"
 
 
@@ -162,6 +182,14 @@ def write(path: Path, rows, device: str, tiny: bool, kept: tuple[str, ...] = (),
     if goals:
         lines += ["## Goals", "", "Each line a benchmark printed as `goal: ...` (the ratio it measured and whether it "
                   "meets the goal of issue #18):", "", *goals, ""]
+    peaks = peaks_table(rows)
+    if peaks:
+        lines += ["## Fraction of the device's peak", "",
+                  "Each line a benchmark printed as `peak: ...`: the matrix-product and convolution FLOPs of the "
+                  "timed call (`torch.utils.flop_counter`, forward and backward; element-wise work is not counted) "
+                  "over its time, against the device's measured peak (the best of five square GEMMs of that dtype "
+                  "in the same process, `harness.matmul_peak`). The optimizer and pooling benchmarks time "
+                  "element-wise work and print none.", "", *peaks, ""]
     lines += ["Not measured by these scripts: " + NOT_MEASURED, ""]
     for name, cmd, out, dt, rc in rows:
         status = "" if rc == 0 else f", **failed (exit {rc})**"

@@ -15,7 +15,7 @@ ones, which alternate between the two.
 from __future__ import annotations
 
 import torch
-from harness import device_label, random_task, time_calls, training_parser
+from harness import counted_flops, device_label, peak_line, random_task, time_calls, training_parser
 
 from reference.curves import train_curve
 from reference.models import MLP, init_params
@@ -55,6 +55,9 @@ def main() -> None:
         print(f"  vmapped, {args.t} t per call:    {1e3 * t_vec:9.2f} ms/epoch")
         print(f"  loop, one t per pass:      {1e3 * t_loop:9.2f} ms/epoch")
         print(f"  ratio loop / vmapped:      {t_loop / t_vec:9.2f}x")
+        flops = counted_flops(lambda: run(True)) / args.epochs
+        case = f"curve training, vmapped, MLPs 64-{args.width}-{args.width}-10, T={args.t}"
+        print(peak_line(case, dev, flops, t_vec))
 
 
 if __name__ == "__main__":

@@ -10,15 +10,26 @@ are the same call, and a ratio of best-of times taken a minute apart read 0.76-1
 
     python bench/bench_evaluate.py [--device cpu|cuda|auto] [--repeats 5] [--tiny]
 
-On CUDA it also times ``evaluate_points(..., tf32=True)`` against the default and prints the largest change of
-a point's loss.
+Each case also prints the default's rate in GFLOP/s and its fraction of the device's measured matmul peak
+(``harness.peak_line``). On CUDA it also times ``evaluate_points(..., tf32=True)`` against the default and
+prints the largest change of a point's loss.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import bench_parser, devices, paired_ratio, random_task, time_calls, time_samples, versions
+from harness import (
+    bench_parser,
+    counted_flops,
+    devices,
+    paired_ratio,
+    peak_line,
+    random_task,
+    time_calls,
+    time_samples,
+    versions,
+)
 
 from reference.barrier import evaluate_linear_path, evaluate_path, linear_path
 from reference.combinations import first_layer
@@ -68,6 +79,7 @@ def bench_case(name: str, model: torch.nn.Module, shape: tuple[int, ...], n: int
         met = "met" if times[0] / times[-1] >= 1.2 else "MISSED"
         print(f"goal: evaluator default >= 1.2x the loop where vmap pays [{name}, {dev.type}]: "
               f"{times[0] / times[-1]:.2f}x: {met}")
+    print(peak_line(f"{name}: evaluate_points default", dev, counted_flops(fns[-1]), times[-1]))
     if dev.type == "cuda":  # the TF32 option, side by side with the default
         fast = evaluate_points(model, pts, x, y, batch_size=n, tf32=True).loss
         (t32,) = time_calls([lambda: evaluate_points(model, pts, x, y, batch_size=n, tf32=True)], dev, repeats, min)
@@ -106,6 +118,7 @@ def bench_first_layer(name: str, model: torch.nn.Module, shape: tuple[int, ...],
     met = "met" if best / times[-1] >= 0.95 else "MISSED"
     print(f"goal: linear-path default >= 0.95x the better of plain and first-layer shortcut [{name}, {dev.type}]: "
           f"{best / times[-1]:.2f}x ({times[0] / times[-1]:.2f}x plain): {met}")
+    print(peak_line(f"{name}: evaluate_linear_path default", dev, counted_flops(fns[-1]), times[-1]))
 
 
 def main() -> None:

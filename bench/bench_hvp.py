@@ -14,7 +14,7 @@ reported. Machines are noisy: compare the ratios, not seconds.
 from __future__ import annotations
 
 import torch
-from harness import bench_parser, devices, random_task, time_calls, versions
+from harness import bench_parser, counted_flops, devices, peak_line, random_task, time_calls, versions
 
 from reference.hessian import hvp, hvp_double_backward, hvp_reverse_over_reverse, loss_hessian
 from reference.models import CNN1D, MLP, init_params
@@ -60,6 +60,7 @@ def bench_case(name: str, model, x_shape: tuple[int, ...], n: int, dev: torch.de
     print(f"  {k} HVPs, one call each (LossHessian.hvp): {1e3 * t_loop:8.2f} ms = {1e3 * t_loop / k:.2f} ms/HVP")
     print(f"  {k} HVPs, one vmapped call (hvp_many):    {1e3 * t_many:8.2f} ms = {1e3 * t_many / k:.2f} ms/HVP   "
           f"{t_loop / t_many:.2f}× the loop")
+    print(peak_line(f"{name}: {k} HVPs, hvp_many ({H.mode})", dev, counted_flops(lambda: H.hvp_many(V)), t_many, dtype))
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ run of each precedes the timed ones, which alternate.
 from __future__ import annotations
 
 import torch
-from harness import device_label, paired_ratio, random_task, time_samples, training_parser
+from harness import counted_flops, device_label, paired_ratio, peak_line, random_task, time_samples, training_parser
 from torch import nn
 
 from reference.train import TrainConfig, choose_strategy, pick_device, train_many
@@ -57,6 +57,7 @@ def main() -> None:
               f"the better of the two (best-of times), {ratio:.2f}x paired")
         print(f"goal: train_many 'auto' >= 0.95x the better strategy [w={width}, {dev.type}]: {ratio:.2f}x (paired): "
               f"{'met' if ratio >= 0.95 else 'MISSED'}")
+        print(peak_line(f"w={width}: train_many auto ({chosen})", dev, counted_flops(fns[2]), t_auto))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the devices to run on, timing, random data, labels.
+"""What the benchmark scripts share: the devices to run on, timing, random data, labels, and how much of the
+device's arithmetic peak a timed call reached.
 
 The scripts import it as a sibling module (``python bench/<script>.py`` puts ``bench/`` on ``sys.path``).
 """
@@ -67,6 +68,45 @@ def time_samples(fns: Sequence[Callable[[], object]], dev: torch.device, repeats
             sync(dev)
             times[i].append((time.perf_counter() - t0) / inner[i])
     return times
+
+
+def counted_flops(fn: Callable[[], object]) -> float:
+    """The floating-point operations of one call of ``fn``: its matrix products and convolutions, forward and
+    backward, as ``torch.utils.flop_counter.FlopCounterMode`` counts them (element-wise operations, reductions
+    and the work outside torch, e.g. an assignment solver, are not counted). Runs ``fn`` once."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+_PEAK: dict[tuple[str, torch.dtype, bool], float] = {}
+
+
+def matmul_peak(dev: torch.device, dtype: torch.dtype = torch.float32) -> float:
+    """This device's measured arithmetic peak in FLOP/s for ``dtype``: the best of five timed products of two
+    square matrices (4096 on CUDA, 1024 on the CPU, with torch's current threads and, on CUDA, its current
+    TF32 setting), measured once per process. A measured peak, not the vendor's figure: the fraction of it a
+    benchmark reaches says how far that workload is from what a plain large GEMM gets on the same device."""
+    tf32 = dev.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
+    key = (str(dev), dtype, tf32)
+    if key not in _PEAK:
+        n = 4096 if dev.type == "cuda" else 1024
+        g = torch.Generator().manual_seed(0)
+        a, b = (torch.randn(n, n, generator=g, dtype=dtype).to(dev) for _ in range(2))
+        (t,) = time_calls([lambda: a @ b], dev, 5, stat=min)
+        _PEAK[key] = 2.0 * n**3 / t
+    return _PEAK[key]
+
+
+def peak_line(case: str, dev: torch.device, flops: float, seconds: float, dtype: torch.dtype = torch.float32) -> str:
+    """The line a benchmark prints for the fraction of the device's peak a call reached (``python -m bench``
+    collects every ``peak:`` line into a table): ``flops`` (``counted_flops``) done in ``seconds``."""
+    rate, peak = flops / seconds, matmul_peak(dev, dtype)
+    name = str(dtype).removeprefix("torch.")
+    return (f"peak: [{case}, {device_label(dev)}]: {rate / 1e9:.1f} GFLOP/s = {100 * rate / peak:.1f}% of the "
+            f"measured {name} matmul peak ({peak / 1e9:.0f} GFLOP/s)")
 
 
 def random_task(n: int, shape: Sequence[int], n_cls: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,9 @@ def test_every_benchmark_runs_at_tiny_size(tmp_path, monkeypatch):
         assert f"## {name}" in text and f"bench/{script}" in text
     assert "failed" not in text
     assert "× the loop" in text and "double backward" in text  # the scripts' ratio lines came through
+    table = text.split("## Fraction of the device's peak", 1)[1].split("\n## ", 1)[0]
+    for name in ("evaluate", "hvp", "curves", "train_many", "weight_matching"):  # every FLOP-bound benchmark
+        assert f"| {name} | " in table and "matmul peak (" in table
 
 
 def test_a_failing_benchmark_fails_the_run(tmp_path, monkeypatch, capsys):
@@ -53,3 +56,53 @@ def test_only_rewrites_its_sections_and_keeps_the_others(tmp_path, monkeypatch):
     assert "kept from the previous run of this file (not re-run by `--only`): two" in text
     assert "| g | one | 2.00x | met |" in text and "| g | two | 0.50x | **missed** |" in text
     assert "9.99x" not in text and text.index("## one") < text.index("## two")
+
+
+def test_counted_flops_are_the_products_forward_and_backward():
+    import torch
+
+    from bench.harness import counted_flops
+
+    layer, x = torch.nn.Linear(32, 16, bias=False), torch.randn(8, 32, requires_grad=True)
+    assert counted_flops(lambda: layer(x)) == 2 * 8 * 32 * 16
+    # backward: the input's and the weight's gradient, one product each
+    assert counted_flops(lambda: layer(x).sum().backward()) == 3 * 2 * 8 * 32 * 16
+
+
+def test_peak_lines_reach_the_results_table(tmp_path, monkeypatch):
+    import torch
+
+    from bench.harness import matmul_peak, peak_line
+
+    dev = torch.device("cpu")
+    peak = matmul_peak(dev)
+    assert peak > 0 and matmul_peak(dev) == peak  # measured once per process
+    line = peak_line("MLP 8-4-10: default", dev, flops=0.25 * peak, seconds=1.0)
+    assert line.startswith("peak: [MLP 8-4-10: default, cpu (") and "= 25.0% of the measured float32" in line
+    assert runner.parse_peaks(line) == [("MLP 8-4-10: default", line.split(", ", 1)[1].split("]")[0],
+                                         line.split("]: ", 1)[1])]
+    script = tmp_path / "p.py"
+    script.write_text(f"print({line!r})\n")
+    monkeypatch.setattr(runner, "BENCHES", {"p": (str(script), [], [])})
+    out = tmp_path / "R.md"
+    assert runner.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    assert "| p | MLP 8-4-10: default | cpu (" in out.read_text() and "25.0% of the measured" in out.read_text()
+
+
+def test_the_device_check_stops_plainly_without_cuda(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the device check would run its GPU steps")
+    script = Path(runner.HERE) / "device_check.sh"
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "no CUDA device: nothing to check" in r.stdout
+    assert "available False" in (tmp_path / "gpu.txt").read_text()
+
