@@ -41,7 +41,7 @@ python3 -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 
     || { echo "no CUDA device: nothing to check" | tee -a "$OUT/gpu.txt"; exit 1; }
 
 # 1. the tests marked gpu (tests/ and invariants/props_gpu.py: CPU vs CUDA results, TF32's bound)
-timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m gpu tests invariants > "$OUT/gpu_tests.log" 2>&1
+timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests invariants > "$OUT/gpu_tests.log" 2>&1
 echo "gpu tests: exit $?" >> "$OUT/gpu_tests.log"
 
 # 2. the benchmarks on CUDA (weight matching, the optimizer and pooling stay CPU checks)
