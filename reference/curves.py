@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -55,7 +55,7 @@ from .bn import override_momentum
 from .fit import Batch, fit, logits_at, mean_cross_entropy, module_mode, prepare, seeded_rng
 from .optim import TrainConfig
 from .params import Params, check_compatible, check_finite, combine_batch, float_keys, is_float
-from .validate import choice, integer, number
+from .validate import choice, counts, integer, number
 
 __all__ = [
     "CURVE_KINDS",
@@ -104,9 +104,13 @@ def _bernstein(n: int, t: Tensor) -> Tensor:
 
 
 class _Basis:
-    """What every curve basis shares: its first and last control points are the endpoints."""
+    """What every curve basis shares: its fields are sizes (integers >= 1, checked on construction), and its
+    first and last control points are the endpoints."""
 
     n_points: int
+
+    def __post_init__(self) -> None:
+        counts(**{f.name: getattr(self, f.name) for f in fields(self)})
 
     @property
     def n_free(self) -> int:
@@ -125,9 +129,6 @@ class Bezier(_Basis):
 
     order: int
     name = "bezier"
-
-    def __post_init__(self) -> None:
-        integer("order", self.order)
 
     @property
     def n_points(self) -> int:
@@ -156,9 +157,6 @@ class PolyChain(_Basis):
 
     bends: int
     name = "polychain"
-
-    def __post_init__(self) -> None:
-        integer("bends", self.bends)
 
     @property
     def n_points(self) -> int:

@@ -82,7 +82,7 @@ import torch
 from torch import Tensor, nn
 
 from .bn import override_momentum
-from .fit import Batch, fit, logits_at, mean_cross_entropy, module_mode, prepare, seeded_rng
+from .fit import Batch, Prepared, fit, logits_at, mean_cross_entropy, module_mode, prepare, seeded_rng
 from .optim import TrainConfig
 from .params import (
     Params,
@@ -482,22 +482,8 @@ def train_simplex(
     prep = prepare(model, fixed[0], x, y, cfg, device)
     dev = prep.device
     m = len(fixed)
-    job = _SproJob(
-        model=model,
-        p_keys=prep.p_keys,
-        b_keys=prep.b_keys,
-        extra=prep.constants,
-        x=prep.x,
-        y=prep.y,
-        cfg=cfg,
-        T=T,
-        lam=lam,
-        eps=eps,
-        weighting=weighting,
-        g=torch.Generator().manual_seed(int(seed)),
-        seed=int(seed),
-        progress=progress,
-    )
+    g = torch.Generator().manual_seed(int(seed))
+    job = _SproJob(model, prep, cfg, T, lam, eps, weighting, g, int(seed), progress)
     verts: list[Params] = [{k: v.detach().to(dev).clone() for k, v in p.items()} for p in fixed]
     with module_mode(model, True), override_momentum(model, 0.1), seeded_rng(int(seed), dev):
         for stage in range(1, n_free + 1):
@@ -517,11 +503,7 @@ class _SproJob:
     """The fixed ingredients of one ``train_simplex`` call; ``train_vertex`` runs one SPRO stage."""
 
     model: nn.Module
-    p_keys: list[str]
-    b_keys: list[str]
-    extra: dict[str, Tensor]
-    x: Tensor
-    y: Tensor
+    prep: Prepared  # the layout (trainable and buffer keys), the module's constants and the data, on the device
     cfg: TrainConfig
     T: int
     lam: float
@@ -555,26 +537,26 @@ class _SproJob:
         cfg, T = self.cfg, self.T
         V = len(verts)
         centre = combine([1.0 / V] * V, verts)
-        leaves = [centre[k].detach().clone().requires_grad_(True) for k in self.p_keys]
-        new_bufs = {k: centre[k] for k in self.b_keys}
-        const_flat = [_flat64(v, self.p_keys) for v in verts]
+        leaves = [centre[k].detach().clone().requires_grad_(True) for k in self.prep.p_keys]
+        new_bufs = {k: centre[k] for k in self.prep.b_keys}
+        const_flat = [_flat64(v, self.prep.p_keys) for v in verts]
 
         def objective(batch: Batch) -> Tensor:
             coeffs = _draw_coefficients(simplices, V + 1, T, self.g, self._probs(simplices, const_flat, leaves))
-            new_point = {**dict(zip(self.p_keys, leaves, strict=True)), **new_bufs}
+            new_point = {**dict(zip(self.prep.p_keys, leaves, strict=True)), **new_bufs}
             stacked = combine_batch(coeffs, [*verts, new_point])
-            logits = logits_at(self.model, stacked, self.extra, batch.x)  # [T, B, C]
+            logits = logits_at(self.model, stacked, self.prep.constants, batch.x)  # [T, B, C]
             loss = mean_cross_entropy(logits, batch.y, cfg.label_smoothing)
             if self.lam:
                 loss = loss - self.lam * self._log_volume(simplices, const_flat, leaves).to(loss.dtype)
             return loss
 
-        fit(leaves, objective, self.x, self.y, cfg, self.g, what="SPRO",
+        fit(leaves, objective, self.prep.x, self.prep.y, cfg, self.g, what="SPRO",
             at=lambda e: f"vertex {stage}/{n_free}, epoch {e + 1}/{cfg.epochs}",
             context=f"(seed {self.seed}) with {cfg.optimizer} lr={cfg.lr:g}",
             hint="try a lower learning rate, a smaller vol_reg or grad_clip",
             progress=self.progress, desc=f"SPRO vertex {stage}/{n_free}")
-        return {**{k: t.detach() for k, t in zip(self.p_keys, leaves, strict=True)}, **new_bufs}
+        return {**{k: t.detach() for k, t in zip(self.prep.p_keys, leaves, strict=True)}, **new_bufs}
 
 
 # ---------------------------------------------------------------------------------------------

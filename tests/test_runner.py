@@ -555,8 +555,9 @@ def test_ray_executor_equals_local(tmp_path):
 def test_the_code_version_covers_the_runners_compute_modules(tmp_path):
     """Defect: the code version hashed ``reference/`` only, so an edit of how the runner builds data, models
     and endpoints or trains the endpoints (``repro/runner/context.py``, ``endpoints.py``) reused results
-    computed the old way. Now an edit of either changes the version; an edit of the output writer does not
-    (it computes nothing that is cached)."""
+    computed the old way. Now an edit of either, or of the shared settings groups (``settings.py``: the STE
+    as targets run it), changes the version; an edit of the output writer does not (it computes nothing that
+    is cached)."""
     import shutil
 
     root = Path(__file__).resolve().parents[1]
@@ -569,11 +570,11 @@ def test_the_code_version_covers_the_runners_compute_modules(tmp_path):
                               check=True).stdout.strip()
 
     versions = [version()]
-    for name in ("output.py", "endpoints.py", "context.py"):
+    for name in ("output.py", "endpoints.py", "context.py", "settings.py"):
         with open(tmp_path / "repro" / "runner" / name, "a") as f:
             f.write("\n# an edit\n")
         versions.append(version())
-    assert versions[1] == versions[0] and len(set(versions[1:])) == 3
+    assert versions[1] == versions[0] and len(set(versions[1:])) == 4
 
 
 def test_the_process_pool_serves_every_map_until_closed(tmp_path):
@@ -607,7 +608,8 @@ def test_an_edit_of_reference_during_a_run_is_refused(tmp_path, monkeypatch):
     assert stale.code != code_version()
     for ex in (LocalExecutor(), ProcessExecutor(workers=1)):
         try:
-            changed = r"reference/, repro/runner/context\.py or repro/runner/endpoints\.py changed while .*0{16}"
+            changed = (r"reference/ or repro/runner/context\.py, repro/runner/endpoints\.py, repro/runner/settings\.py "
+                       r"changed while .*0{16}")
             with pytest.raises(RuntimeError, match=changed):
                 list(ex.imap([(toy_target.toy_job, None)], stale))
         finally:

@@ -8,20 +8,24 @@ every job, runs the jobs on the chosen executor, checks that the report returns 
 claim ids, and writes the outputs as one set.
 """
 
-from .context import DataRef, Endpoint, JobContext
+from .context import DataRef, Endpoint, JobContext, ModelsArgs
 from .declare import TARGETS, Claim, Figure, Job, Report, Results, Table, Target, Verdict, get_target, load_all
+from .settings import CycleSettings, SteSettings
 from .util import fmt_pm, markdown_table, mean_std, seaborn
 
 __all__ = [
     "TARGETS",
     "Claim",
+    "CycleSettings",
     "DataRef",
     "Endpoint",
     "Figure",
     "Job",
     "JobContext",
+    "ModelsArgs",
     "Report",
     "Results",
+    "SteSettings",
     "Table",
     "Target",
     "Verdict",

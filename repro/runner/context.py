@@ -30,11 +30,13 @@ from reference.train import TrainConfig
 
 from .util import config_hash, jsonable
 
-__all__ = ["DataRef", "Endpoint", "JobContext", "LoadedData", "code_version", "data_fingerprint", "find_endpoints"]
+__all__ = ["DataRef", "Endpoint", "JobContext", "LoadedData", "ModelsArgs", "code_version", "data_fingerprint",
+           "find_endpoints"]
 
 _REFERENCE = Path(__file__).resolve().parents[2] / "reference"
-# the runner's modules that jobs compute through: data, models and endpoints (this file) and endpoint training
-_RUNNER_COMPUTE = (Path(__file__).resolve(), Path(__file__).resolve().with_name("endpoints.py"))
+# the runner's modules that jobs compute through: data, models and endpoints (this file), endpoint training, and
+# the settings groups several targets share (``settings.py``: the STE as the targets run it)
+_RUNNER_COMPUTE = tuple(Path(__file__).resolve().with_name(n) for n in ("context.py", "endpoints.py", "settings.py"))
 
 
 def _source_hash(paths: Sequence[Path]) -> str:
@@ -51,8 +53,9 @@ _CODE: dict[str, str] = {}
 def code_version(module_file: str | Path | None = None) -> str:
     """The version of the code behind a result: a hash of every ``reference/*.py`` file and of the runner's
     modules jobs compute through (``repro/runner/context.py``: data, models, endpoints; ``endpoints.py``:
-    their training), plus the target's own module when given. Any edit to these changes it, and so every key
-    built from it (see README, "How results are keyed")."""
+    their training; ``settings.py``: the settings groups targets share), plus the target's own module when
+    given. Any edit to these changes it, and so every key built from it (see README, "How results are
+    keyed")."""
     k = str(module_file)
     if k not in _CODE:
         files = [*_REFERENCE.glob("*.py"), *_RUNNER_COMPUTE]
@@ -107,6 +110,17 @@ class Endpoint:
         k = self.key()
         del k["seed"]
         return config_hash(k)
+
+
+@dataclass(frozen=True)
+class ModelsArgs:
+    """What a job over a set of trained models reads first: the model config (``build_model``), the trained
+    endpoints (``ctx.endpoints(args.models)``) and the data (``ctx.setup(args)``). A target's job arguments
+    subclass it and add their own fields after these."""
+
+    model: dict
+    models: tuple[Endpoint, ...]
+    data: DataRef
 
 
 def find(obj: Any, kind: type) -> Iterator[Any]:
@@ -204,9 +218,9 @@ class JobContext:
         worker started after an edit imports the new code, and its results would be filed under keys of the
         old one (a mixed run)."""
         if self.code and code_version() != self.code:
-            runner = " or ".join(f"repro/runner/{p.name}" for p in _RUNNER_COMPUTE)
+            runner = ", ".join(f"repro/runner/{p.name}" for p in _RUNNER_COMPUTE)
             raise RuntimeError(
-                f"reference/, {runner} changed while the run was going (code version {code_version()}, the run "
+                f"reference/ or {runner} changed while the run was going (code version {code_version()}, the run "
                 f"started with {self.code}); its results would mix two versions of the code: re-run once the edit "
                 "is done"
             )

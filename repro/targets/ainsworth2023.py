@@ -18,7 +18,7 @@ from reference.params import stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, SteSettings, fmt_pm, mean_std, seaborn
 from ..runner.declare import declare
 from .reporting import summary_rows
 
@@ -251,16 +251,14 @@ class WidthConfig:
     pairs: int = 2
     grid: int = 13
     repair_examples: int = 1000
-    ste_steps: int = 200
-    ste_lr: float = 1e-2
-    ste_batch: int = 256
+    ste: SteSettings = SteSettings(steps=200, lr=1e-2, batch=256)
     train: TrainConfig = TrainConfig.adam(40)
     resnet_train: TrainConfig | None = None  # None: the same as ``train``
 
 
 WIDTH_SIZES = {
-    "quick": WidthConfig(mlp_multipliers=(1, 4), resnet_multipliers=(1, 2), pairs=1, grid=9, ste_steps=30,
-                         repair_examples=500,
+    "quick": WidthConfig(mlp_multipliers=(1, 4), resnet_multipliers=(1, 2), pairs=1, grid=9,
+                         ste=SteSettings(steps=30, lr=1e-2, batch=256), repair_examples=500,
                          train=TrainConfig.adam(15)),
     "cpu": WidthConfig(),
     # Git Re-Basin Fig. 4 (width ablation, ResNet-20 on CIFAR-10 at widths ×1 … ×16) with the authors'
@@ -287,9 +285,7 @@ class WidthArgs:
     fix: str  # "repair" (MLP) or "bn_reset" (BN ResNet)
     grid: int
     repair_examples: int
-    ste_steps: int
-    ste_lr: float
-    ste_batch: int
+    ste: SteSettings
     seed: int  # the pair's index: seeds weight matching and the STE
     arch: str
     multiplier: int
@@ -308,7 +304,6 @@ def _fixed_path(model, pa, pb, t, plain: dict, x_stats, kind: str, spec) -> dict
 
 def width_job(args: WidthArgs, ctx: JobContext) -> dict:
     from reference.barrier import barrier
-    from reference.matching import ste_matching
 
     data, model = ctx.setup(args)
     spec = spec_for(model)
@@ -318,9 +313,7 @@ def width_job(args: WidthArgs, ctx: JobContext) -> dict:
     wm = weight_matching(spec, pa, pb, seed=seed)
     am = activation_matching(model, spec, pa, pb, data.x_train)
     t0 = time.perf_counter()
-    ste = ste_matching(model, spec, pa, pb, data.x_train, data.y_train, steps=cfg.ste_steps, lr=cfg.ste_lr,
-                       batch_size=cfg.ste_batch, seed=seed, init=wm.perm, rematch_every=5,
-                       eval_every=max(1, cfg.ste_steps // 4))
+    ste = args.ste.run(model, spec, pa, pb, data.x_train, data.y_train, seed=seed, init=wm.perm)
     t_ste = time.perf_counter() - t0
     aligned = {"naive": pb, "weight": wm.perm.apply(spec, pb), "activation": am.perm.apply(spec, pb),
                "ste": ste.perm.apply(spec, pb)}
@@ -361,8 +354,7 @@ def width_jobs(cfg: WidthConfig, data) -> list[Job]:
         eps = [Endpoint(mcfg, tcfg, s, data.ref, view) for s in seeds]
         for pair in range(cfg.pairs):
             jobs.append(Job(width_job, WidthArgs(mcfg, eps[2 * pair], eps[2 * pair + 1], data.ref, view, fix,
-                                                 cfg.grid, cfg.repair_examples, cfg.ste_steps, cfg.ste_lr,
-                                                 cfg.ste_batch, pair, arch, k)))
+                                                 cfg.grid, cfg.repair_examples, cfg.ste, pair, arch, k)))
     return jobs
 
 

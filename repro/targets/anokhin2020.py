@@ -30,7 +30,7 @@ from reference.evaluate import ensemble_metrics, evaluate_points
 from reference.params import stack
 from reference.train import TrainConfig
 
-from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner import DataRef, Endpoint, Job, JobContext, ModelsArgs, Report, Results, fmt_pm, mean_std, seaborn
 from ..runner.context import LoadedData, data_fingerprint
 from ..runner.declare import declare
 
@@ -105,12 +105,9 @@ class PathArgs:
 
 
 @dataclass(frozen=True)
-class EnsembleArgs:
-    """WA(n) ensembles of the nets of one (dataset, 3-layer width): the first one is the base."""
+class EnsembleArgs(ModelsArgs):
+    """WA(n) ensembles of the nets (``models``) of one (dataset, 3-layer width): the first one is the base."""
 
-    model: dict
-    nets: tuple[Endpoint, ...]
-    data: DataRef
     n_tops: tuple[int, ...]
 
     @property
@@ -146,7 +143,7 @@ def path_job(args: PathArgs, ctx: JobContext) -> dict:
 
 def ensemble_job(args: EnsembleArgs, ctx: JobContext) -> dict:
     data, model = ctx.setup(args)
-    nets = ctx.endpoints(args.nets)
+    nets = ctx.endpoints(args.models)
     x, y = data.x_test, data.y_test
     probs = ensemble_probs(model, stack(nets), x)
     single = [float((p.argmax(-1) != y).double().mean()) for p in probs]
@@ -228,7 +225,7 @@ def anokhin_report(cfg: AnokhinConfig, results: Results) -> Report:
             f"{r['method']} {r['max_train_loss_mean']:.3f}/{r['max_test_error_mean']:.3f}" for r in rows))
     for args, r in ensembles:
         ens_rows.append({
-            "dataset": args.data.dataset, "arch": f"3-layer {args.width}", "members": len(args.nets),
+            "dataset": args.data.dataset, "arch": f"3-layer {args.width}", "members": len(args.models),
             "single_test_error": fmt_pm(r["single_error"]),
             "single_test_error_mean": mean_std(r["single_error"])[0],
             "WA(1)_test_error": r["WA(1)"]["error"], "WA(2)_test_error": r["WA(2)"]["error"],

@@ -19,7 +19,7 @@ from reference.params import float_keys, stack
 from reference.simplex import Simplex, sample_members, train_simplex
 from reference.train import TrainConfig
 
-from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner import Endpoint, Job, JobContext, ModelsArgs, Report, Results, fmt_pm, mean_std, seaborn
 from ..runner.declare import declare
 
 ARCHS = ("mlp", "vgg")
@@ -93,17 +93,13 @@ def _random_control(mode: dict, free: list[dict], seed: int) -> list[dict]:
 
 
 @dataclass(frozen=True)
-class ModesArgs:
-    """The trained modes' own test loss and accuracy."""
-
-    model: dict
-    modes: tuple[Endpoint, ...]
-    data: DataRef
+class ModesArgs(ModelsArgs):
+    """The trained modes' (``models``) own test loss and accuracy."""
 
 
 def modes_job(args: ModesArgs, ctx: JobContext) -> dict:
     data, model = ctx.setup(args)
-    m = evaluate_points(model, stack(ctx.endpoints(args.modes)), data.x_test, data.y_test)
+    m = evaluate_points(model, stack(ctx.endpoints(args.models)), data.x_test, data.y_test)
     return {"loss": m.loss.tolist(), "accuracy": m.accuracy.tolist()}
 
 
@@ -124,21 +120,26 @@ class VertexTraining:
 
 
 @dataclass(frozen=True)
-class SproArgs:
-    """One SPRO simplex with ``n_free`` free vertices around ``mode``, and its random-direction control."""
+class SimplexArgs(ModelsArgs):
+    """SPRO simplices with ``n_free`` free vertices around each of the modes ``models``, each vertex trained as
+    ``training`` says; ``seed`` seeds the training (and the draws inside the simplices)."""
 
-    model: dict
-    mode: Endpoint
-    data: DataRef
     n_free: int
     training: VertexTraining
-    samples: int
     seed: int
+
+
+@dataclass(frozen=True)
+class SproArgs(SimplexArgs):
+    """One SPRO simplex around the one mode in ``models``, and its random-direction control, each sampled at
+    ``samples`` points."""
+
+    samples: int
 
 
 def spro_job(args: SproArgs, ctx: JobContext) -> dict:
     data, model = ctx.setup(args)
-    mode = ctx.endpoint(args.mode)
+    (mode,) = ctx.endpoints(args.models)
     cx = args.training.simplex(model, mode, args.n_free, data, args.seed, ctx)
     ctrl = Simplex([mode, *_random_control(mode, list(cx.vertices[1:]), args.seed + args.n_free)])
 
@@ -154,24 +155,19 @@ def spro_job(args: SproArgs, ctx: JobContext) -> dict:
 
 
 @dataclass(frozen=True)
-class EsproArgs:
-    """ESPRO: a simplex with ``espro_free`` free vertices around each mode; ensembles of the first K, K = 1 … N."""
+class EsproArgs(SimplexArgs):
+    """ESPRO: a simplex around each mode; ensembles of the first K, K = 1 … N, of ``members_per_simplex``
+    points drawn from each."""
 
-    model: dict
-    modes: tuple[Endpoint, ...]
-    data: DataRef
-    espro_free: int
-    training: VertexTraining
     members_per_simplex: int
-    seed: int
 
 
 def espro_job(args: EsproArgs, ctx: JobContext) -> dict:
     data, model = ctx.setup(args)
-    modes = ctx.endpoints(args.modes)
+    modes = ctx.endpoints(args.models)
     xte, yte = data.x_test, data.y_test
     out = []
-    cxs = [args.training.simplex(model, mode, args.espro_free, data, args.seed + 100 + j, ctx)
+    cxs = [args.training.simplex(model, mode, args.n_free, data, args.seed + 100 + j, ctx)
            for j, mode in enumerate(modes)]
     for K in range(1, len(modes) + 1):
         members = sample_members(cxs[:K], args.members_per_simplex, torch.Generator().manual_seed(args.seed + K))
@@ -212,11 +208,11 @@ def jobs(cfg: SimplexConfig, data) -> list[Job]:
     training = VertexTraining(cfg.vertex_train, cfg.samples_per_step, cfg.vol_reg)
     out = [Job(modes_job, ModesArgs(mcfg, modes, data.ref))]
     # (a) SPRO simplexes of growing dimension around mode 0, and their random-direction controls
-    out += [Job(spro_job, SproArgs(mcfg, modes[0], data.ref, n_free, training, cfg.samples, cfg.seed))
+    out += [Job(spro_job, SproArgs(mcfg, modes[:1], data.ref, n_free, training, cfg.seed, cfg.samples))
             for n_free in cfg.free_vertices]
     # (b) ESPRO vs deep ensembles of the same number of modes
-    out.append(Job(espro_job, EsproArgs(mcfg, modes, data.ref, cfg.espro_free, training, cfg.members_per_simplex,
-                                        cfg.seed)))
+    out.append(Job(espro_job, EsproArgs(mcfg, modes, data.ref, cfg.espro_free, training, cfg.seed,
+                                        cfg.members_per_simplex)))
     return out
 
 

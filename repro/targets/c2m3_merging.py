@@ -47,7 +47,7 @@ from reference.universe import (
     sync_ascent,
 )
 
-from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner import CycleSettings, Endpoint, Job, JobContext, ModelsArgs, Report, Results, fmt_pm, mean_std, seaborn
 from ..runner.declare import declare
 
 METHODS = ("pairwise", "star", "mergemany", "sync", "sync-ascent", "c2m3")
@@ -64,9 +64,7 @@ class C2M3Config:
     resnet_ns: tuple[int, ...] = (2, 3, 4)  # () : no ResNet rows
     resnet_depth: int = 8
     resnet_base: int = 8
-    grid: int = 17
-    max_triples: int = 10
-    max_pairs: int = 10
+    cycles: CycleSettings = CycleSettings(grid=17, max_triples=10, max_pairs=10)
     fw_iters: int = 100
     repair_examples: int = 1000
     train: TrainConfig = TrainConfig.adam(40)
@@ -74,8 +72,8 @@ class C2M3Config:
 
 
 SIZES = {
-    "quick": C2M3Config(replicates=2, ns=(2, 3, 4), resnet_ns=(2, 3), grid=9, max_triples=4, max_pairs=4,
-                        fw_iters=30, repair_examples=500,
+    "quick": C2M3Config(replicates=2, ns=(2, 3, 4), resnet_ns=(2, 3),
+                        cycles=CycleSettings(grid=9, max_triples=4, max_pairs=4), fw_iters=30, repair_examples=500,
                         train=TrainConfig.adam(15),
                         resnet_train=TrainConfig.adam(8)),
     "cpu": C2M3Config(),
@@ -83,25 +81,20 @@ SIZES = {
     # lr 1e-3, batch 500, 100 epochs). C2M3's own training recipe, model sizes and number of models per set have
     # not been checked against the paper's PDF, so this size is Git Re-Basin's setting, not C2M3's; its
     # ResNet-20 / CIFAR-10 rows are not reproduced here. Needs --data-dir with the MNIST IDX files.
-    "paper": C2M3Config(dataset="mnist", widths=(512, 512, 512), ns=(2, 3, 4, 5), resnet_ns=(), grid=25,
-                        fw_iters=300, repair_examples=5000,
+    "paper": C2M3Config(dataset="mnist", widths=(512, 512, 512), ns=(2, 3, 4, 5), resnet_ns=(),
+                        cycles=CycleSettings(grid=25, max_triples=10, max_pairs=10), fw_iters=300, repair_examples=5000,
                         train=TrainConfig(epochs=100, batch_size=500, lr=1e-3, optimizer="adam", schedule="constant")),
 }
 
 
 @dataclass(frozen=True)
-class MergeArgs:
+class MergeArgs(ModelsArgs):
     """The first n models of replicate ``replicate`` of one architecture, aligned six ways."""
 
     arch: str  # "mlp" or "resnet"
-    model: dict
-    models: tuple[Endpoint, ...]
-    data: DataRef
     view: tuple[int, ...] | None
     replicate: int
-    grid: int
-    max_triples: int
-    max_pairs: int
+    cycles: CycleSettings
     fw_iters: int
     repair_examples: int
     seed: int  # seeds weight matching and MergeMany
@@ -216,8 +209,8 @@ def merge_job(args: MergeArgs, ctx: JobContext) -> dict:
         fr = [sum(int((P[i, j].compose(P[j, k])[g] != P[i, k][g]).sum()) for g in spec.sizes) / units
               for i, j, k in triples]
         asked[method] = ([paths.ask(i, i, P[i, j].compose(P[j, k]).compose(P[i, k].inverse()))
-                          for i, j, k in triples[: args.max_triples]],
-                         [paths.ask(i, j, P[i, j]) for i, j in pairs[: args.max_pairs]])
+                          for i, j, k in triples[: args.cycles.max_triples]],
+                         [paths.ask(i, j, P[i, j]) for i, j in pairs[: args.cycles.max_pairs]])
         merged = combine([1.0 / n] * n, aligned)
         repaired = repair(model, aligned, [1.0 / n] * n, x_rep, spec=spec)
         m = evaluate_points(model, stack([merged, repaired]), data.x_test, data.y_test)
@@ -227,7 +220,7 @@ def merge_job(args: MergeArgs, ctx: JobContext) -> dict:
             "merged_test_accuracy": float(m.accuracy[0]), "merged_test_loss": float(m.loss[0]),
             "repaired_test_accuracy": float(m.accuracy[1]), "repaired_test_loss": float(m.loss[1]),
         }
-    barrier = paths.barriers(model, x, y, args.grid, max(args.max_triples, args.max_pairs, 1))
+    barrier = paths.barriers(model, x, y, args.cycles.grid, max(args.cycles.max_triples, args.cycles.max_pairs, 1))
     for method, (cycles, aligned_pairs) in asked.items():
         out[method]["cycle_barrier"] = [barrier[h] for h in cycles]
         out[method]["pair_barrier"] = [barrier[h] for h in aligned_pairs]
@@ -262,8 +255,8 @@ def jobs(cfg: C2M3Config, data) -> list[Job]:
             # replicate 0 of the MLP uses cycle-consistency's seeds, so those endpoints are shared
             seeds = [cfg.seed * 1000 + r * 100 + i for i in range(max(ns))]
             eps = tuple(Endpoint(mcfg, train, s, data.ref, view) for s in seeds)
-            out += [Job(merge_job, MergeArgs(arch, mcfg, eps[:n], data.ref, view, r, cfg.grid, cfg.max_triples,
-                                             cfg.max_pairs, cfg.fw_iters, cfg.repair_examples, cfg.seed + r))
+            out += [Job(merge_job, MergeArgs(mcfg, eps[:n], data.ref, arch, view, r, cfg.cycles, cfg.fw_iters,
+                                             cfg.repair_examples, cfg.seed + r))
                     for n in ns]
     return out
 

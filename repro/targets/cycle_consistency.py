@@ -29,7 +29,7 @@ from reference.params import combine, stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner import CycleSettings, Endpoint, Job, JobContext, ModelsArgs, Report, Results, fmt_pm, mean_std, seaborn
 from ..runner.declare import declare
 
 METHODS = ("pairwise", "mergemany", "universe", "sync-ascent", "c2m3")
@@ -41,14 +41,12 @@ class CycleConfig:
     seed: int = 0
     widths: tuple[int, ...] = (128, 128, 128)
     ns: tuple[int, ...] = (3, 4, 5, 6, 7, 8)
-    grid: int = 17
-    max_triples: int = 10
-    max_pairs: int = 10
+    cycles: CycleSettings = CycleSettings(grid=17, max_triples=10, max_pairs=10)
     train: TrainConfig = TrainConfig.adam(40)
 
 
 SIZES = {
-    "quick": CycleConfig(ns=(3, 4), grid=9, max_triples=4, max_pairs=4,
+    "quick": CycleConfig(ns=(3, 4), cycles=CycleSettings(grid=9, max_triples=4, max_pairs=4),
                          train=TrainConfig.adam(20)),
     "cpu": CycleConfig(),
     # Git Re-Basin's MergeMany experiment (Ainsworth et al. 2023, Alg. 3; the authors' src/mnist_mlp_wm_many.py):
@@ -57,8 +55,8 @@ SIZES = {
     # ours all see all of it (the endpoints differ by their seed only). The n sweep up to their 32 models, the 25
     # interpolation points (as their src/mnist_mlp_weight_matching.py) and max_triples / max_pairs are our choice.
     # Needs --data-dir with the MNIST IDX files.
-    "paper": CycleConfig(dataset="mnist", widths=(512, 512, 512), ns=(3, 4, 8, 16, 32), grid=25, max_triples=10,
-                         max_pairs=10,
+    "paper": CycleConfig(dataset="mnist", widths=(512, 512, 512), ns=(3, 4, 8, 16, 32),
+                         cycles=CycleSettings(grid=25, max_triples=10, max_pairs=10),
                          train=TrainConfig(epochs=100, batch_size=500, lr=1e-3, optimizer="adam", schedule="constant")),
 }
 
@@ -95,15 +93,10 @@ def _maps(method: str, spec, models: list, seed: int) -> tuple[dict, dict]:
 
 
 @dataclass(frozen=True)
-class CycleArgs:
+class CycleArgs(ModelsArgs):
     """The first n trained models (n = len(models)), aligned three ways."""
 
-    model: dict
-    models: tuple[Endpoint, ...]
-    data: DataRef
-    grid: int
-    max_triples: int
-    max_pairs: int
+    cycles: CycleSettings
     seed: int  # seeds weight matching, MergeMany and the universe alignment
 
 
@@ -124,13 +117,13 @@ def cycle_job(args: CycleArgs, ctx: JobContext) -> dict:
             diff = sum(int((comp[g] != P[i, k][g]).sum()) for g in spec.sizes)
             fr.append(diff / sum(spec.sizes.values()))
         cyc_pairs = [(models[i], P[i, j].compose(P[j, k]).compose(P[i, k].inverse()).apply(spec, models[i]))
-                     for i, j, k in triples[: args.max_triples]]
-        al_pairs = [(models[i], P[i, j].apply(spec, models[j])) for i, j in pairs[: args.max_pairs]]
+                     for i, j, k in triples[: args.cycles.max_triples]]
+        al_pairs = [(models[i], P[i, j].apply(spec, models[j])) for i, j in pairs[: args.cycles.max_pairs]]
         m = evaluate_points(model, stack([merged]), data.x_test, data.y_test)
         out[method] = {
             "nontransitivity": fr,
-            "cycle_barrier": _mid_barriers(model, cyc_pairs, x, y, args.grid),
-            "pair_barrier": _mid_barriers(model, al_pairs, x, y, args.grid),
+            "cycle_barrier": _mid_barriers(model, cyc_pairs, x, y, args.cycles.grid),
+            "pair_barrier": _mid_barriers(model, al_pairs, x, y, args.cycles.grid),
             "merged_test_accuracy": float(m.accuracy[0]), "merged_test_loss": float(m.loss[0]),
         }
     members = evaluate_points(model, stack(models), data.x_test, data.y_test)
@@ -146,7 +139,7 @@ def jobs(cfg: CycleConfig, data) -> list[Job]:
             "num_classes": data.num_classes, "bias": True}
     seeds = [cfg.seed * 1000 + i for i in range(max(cfg.ns))]
     eps = tuple(Endpoint(mcfg, cfg.train, s, data.ref) for s in seeds)
-    return [Job(cycle_job, CycleArgs(mcfg, eps[:n], data.ref, cfg.grid, cfg.max_triples, cfg.max_pairs, cfg.seed))
+    return [Job(cycle_job, CycleArgs(mcfg, eps[:n], data.ref, cfg.cycles, cfg.seed))
             for n in cfg.ns]
 
 

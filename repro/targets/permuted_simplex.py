@@ -42,7 +42,7 @@ from reference.simplex import sample_dirichlet
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner import DataRef, Endpoint, Job, JobContext, ModelsArgs, Report, Results, fmt_pm, mean_std, seaborn
 from ..runner.declare import declare
 from ..runner.util import config_hash, jsonable
 
@@ -165,7 +165,7 @@ def _align_new(model, spec, models, label: str, data, interior: InteriorConfig |
 def _setup(args, ctx: JobContext):
     data, model = ctx.setup(args)
     spec = spec_for(model)
-    models = ctx.endpoints(list(args.eps))
+    models = ctx.endpoints(list(args.models))
     return data, model, spec, models
 
 
@@ -174,12 +174,9 @@ def _setup(args, ctx: JobContext):
 
 
 @dataclass(frozen=True)
-class CellArgs:
-    """The simplex of θ₁ … θₙ of one cell, aligned by every method, and its barrier."""
+class CellArgs(ModelsArgs):
+    """The simplex of θ₁ … θₙ of one cell, aligned by every method, and its barrier. ``models``: θ₁ … θₙ (n = len)."""
 
-    model: dict
-    eps: tuple[Endpoint, ...]  # θ₁ … θₙ (n = len)
-    data: DataRef
     interior: InteriorConfig
     grid_resolution: int
     samples: int
@@ -192,7 +189,7 @@ class CellArgs:
 
     @property
     def weight_decay(self) -> float:
-        return self.eps[0].train.weight_decay
+        return self.models[0].train.weight_decay
 
 
 def cell_job(args: CellArgs, ctx: JobContext) -> dict:
@@ -201,7 +198,7 @@ def cell_job(args: CellArgs, ctx: JobContext) -> dict:
     out = {}
     for label, _, _ in METHODS:
         t0 = time.time()
-        ps = _align(ctx, model, spec, args.eps, models, label, args.data, data, args.interior, args.seed)
+        ps = _align(ctx, model, spec, args.models, models, label, args.data, data, args.interior, args.seed)
         t_align = time.time() - t0
         b = simplex_barrier(model, ps.vertices, data.x_train, data.y_train, method="adversarial",
                             resolution=args.grid_resolution, samples=args.samples,
@@ -216,12 +213,10 @@ def cell_job(args: CellArgs, ctx: JobContext) -> dict:
 
 
 @dataclass(frozen=True)
-class Property2Args:
-    """Every triple's 2-simplex on the main cell, aligned by every method: its grid barrier and edges."""
+class Property2Args(ModelsArgs):
+    """Every triple's 2-simplex on the main cell, aligned by every method: its grid barrier and edges.
+    ``models``: θ₁ … θ_k, k = 1 + the largest index in ``triples``."""
 
-    model: dict
-    eps: tuple[Endpoint, ...]  # θ₁ … θ_k, k = 1 + the largest index in ``triples``
-    data: DataRef
     triples: tuple[tuple[int, int, int], ...]
     interior: InteriorConfig
     grid_resolution: int
@@ -232,7 +227,7 @@ def property2_job(args: Property2Args, ctx: JobContext) -> dict:
     data, model, spec, models = _setup(args, ctx)
     out = {}
     for tri in args.triples:
-        es, ms = [args.eps[i] for i in tri], [models[i] for i in tri]
+        es, ms = [args.models[i] for i in tri], [models[i] for i in tri]
         for label, _, _ in METHODS:
             ps = _align(ctx, model, spec, es, ms, label, args.data, data, args.interior, args.seed)
             b = simplex_barrier(model, ps.vertices, data.x_train, data.y_train, method="grid",
@@ -243,12 +238,10 @@ def property2_job(args: Property2Args, ctx: JobContext) -> dict:
 
 
 @dataclass(frozen=True)
-class RepairArgs:
-    """Simplex barriers without and with REPAIR (Jordan et al. 2023) at every evaluated point."""
+class RepairArgs(ModelsArgs):
+    """Simplex barriers without and with REPAIR (Jordan et al. 2023) at every evaluated point.
+    ``models``: θ₁ … θ_k, k = max(ns)."""
 
-    model: dict
-    eps: tuple[Endpoint, ...]  # θ₁ … θ_k, k = max(ns)
-    data: DataRef
     ns: tuple[int, ...]
     methods: tuple[str, ...]
     resolution: int
@@ -261,7 +254,7 @@ def repair_job(args: RepairArgs, ctx: JobContext) -> dict:
     out = {}
     for n in args.ns:
         for label in args.methods:
-            ps = _align(ctx, model, spec, args.eps[:n], models[:n], label, args.data, data, args.interior,
+            ps = _align(ctx, model, spec, args.models[:n], models[:n], label, args.data, data, args.interior,
                         args.seed)
             for corr in (None, "repair"):
                 b = simplex_barrier(model, ps.vertices, data.x_train, data.y_train, method="grid",
@@ -275,12 +268,9 @@ def repair_job(args: RepairArgs, ctx: JobContext) -> dict:
 
 
 @dataclass(frozen=True)
-class TernaryArgs:
-    """The train loss on a barycentric grid of the 2-simplex θ₁, P₂(θ₂), P₃(θ₃), per method."""
+class TernaryArgs(ModelsArgs):
+    """The train loss on a barycentric grid of the 2-simplex θ₁, P₂(θ₂), P₃(θ₃), per method. ``models``: θ₁, θ₂, θ₃."""
 
-    model: dict
-    eps: tuple[Endpoint, ...]  # θ₁, θ₂, θ₃
-    data: DataRef
     resolution: int
     interior: InteriorConfig
     seed: int
@@ -291,7 +281,7 @@ def ternary_job(args: TernaryArgs, ctx: JobContext) -> dict:
     lams = barycentric_grid(3, args.resolution)
     out = {"lams": lams.tolist()}
     for label in TERNARY_METHODS:
-        ps = _align(ctx, model, spec, args.eps[:3], models[:3], label, args.data, data, args.interior, args.seed)
+        ps = _align(ctx, model, spec, args.models[:3], models[:3], label, args.data, data, args.interior, args.seed)
         ev = evaluate_simplex(model, ps.vertices, data.x_train, data.y_train, lams)
         out[label] = ev.loss.tolist()
     ctx.log("  ternary: max loss " + ", ".join(f"{k} {max(out[k]):.3f}" for k in TERNARY_METHODS))
@@ -299,13 +289,10 @@ def ternary_job(args: TernaryArgs, ctx: JobContext) -> dict:
 
 
 @dataclass(frozen=True)
-class EnsembleArgs:
+class EnsembleArgs(ModelsArgs):
     """Ensembles of the main cell: single model, deep ensembles, a permuted simplex, the glued complex,
-    the merged centroid with and without REPAIR, a Bézier curve."""
+    the merged centroid with and without REPAIR, a Bézier curve. ``models``: all N models of the main cell."""
 
-    model: dict
-    eps: tuple[Endpoint, ...]  # all N models of the main cell
-    data: DataRef
     complex_simplices: tuple[tuple[int, ...], ...]
     complex_method: str
     samples: int
@@ -334,7 +321,7 @@ def ensemble_job(args: EnsembleArgs, ctx: JobContext) -> dict:
     first = args.complex_simplices[0]
     table(stack([models[i] for i in first]), len(first), f"deep ensemble of simplex 1's {len(first)} vertices")
     # one permuted simplex and the glued complex of permuted simplexes
-    sims = [_align(ctx, model, spec, [args.eps[i] for i in s], [models[i] for i in s], args.complex_method,
+    sims = [_align(ctx, model, spec, [args.models[i] for i in s], [models[i] for i in s], args.complex_method,
                    args.data, data, args.interior, seed)
             for s in args.complex_simplices]
     lam = sample_dirichlet(S, len(first), g)
@@ -418,7 +405,7 @@ def report(cfg: PermutedSimplexConfig, results: Results) -> Report:
     rep = Report()
     rows = []
     for args, res in results.of(CellArgs):
-        n = len(args.eps)
+        n = len(args.models)
         for label, _, _ in METHODS:
             r = res[label]
             rows.append({"width": args.width, "weight_decay": args.weight_decay, "n": n, "method": label, **{

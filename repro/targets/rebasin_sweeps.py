@@ -29,7 +29,7 @@ from reference.params import stack
 from reference.specs import spec_for
 from reference.train import TrainConfig
 
-from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, mean_std, seaborn
+from ..runner import Endpoint, Job, JobContext, ModelsArgs, Report, Results, mean_std, seaborn
 from ..runner.declare import declare
 
 
@@ -73,12 +73,9 @@ SIZES = {
 
 
 @dataclass(frozen=True)
-class CellArgs:
+class CellArgs(ModelsArgs):
     """One (weight decay, feature size) cell: its models (the last one the control) and what the job reads."""
 
-    model: dict
-    models: tuple[Endpoint, ...]
-    data: DataRef
     grid: int
     n_models: tuple[int, ...]
     seed: int  # seeds weight matching and MergeMany

@@ -15,8 +15,8 @@ independently trained endpoints, the loss and error along the straight line θ_a
   and V/O groups move whole heads the same way, within-head permutations free per group, solved jointly);
 - ``am``: head-aware activation matching (Git Re-Basin §3.1; the correlation matching with per-head-pair
   costs of Verma & Elbayad 2024, their multi-headed attention alignment, "Head-Perm");
-- ``ste``: Git Re-Basin's straight-through estimator (§3.3, Algorithm 2; ``ste_matching``) started from
-  the head-aware weight matching.
+- ``ste``: Git Re-Basin's straight-through estimator (§3.3, Algorithm 2; ``ste_matching`` through
+  ``repro.runner.SteSettings.run``) started from the head-aware weight matching.
 
 Barriers: both definitions of ``reference.barrier`` (``mid``, Git Re-Basin Definition 2.2, the one Verma &
 Elbayad report; ``max_chord``, Frankle et al. 2020), on train and test, for loss and error. Function error
@@ -52,7 +52,7 @@ from torch.func import functional_call
 from reference import validate
 from reference.barrier import BARRIER_KINDS, evaluate_linear_path
 from reference.fit import module_mode
-from reference.matching import activation_matching, ste_matching, weight_matching
+from reference.matching import activation_matching, weight_matching
 from reference.models import init_params
 from reference.params import Params
 from reference.permutation import Permutation, PermutationSpec
@@ -60,7 +60,7 @@ from reference.specs import spec_for
 from reference.train import TrainConfig, train_many
 from reference.transformers import CausalTransformer, make_sequence_task
 
-from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, fmt_pm, mean_std, seaborn
+from ..runner import DataRef, Endpoint, Job, JobContext, Report, Results, SteSettings, fmt_pm, mean_std, seaborn
 from ..runner.declare import declare
 from .reporting import summary_rows
 
@@ -94,6 +94,17 @@ class LMConfig:
 
 
 @dataclass(frozen=True)
+class MatchSettings:
+    """How every pair is aligned and measured: ``grid`` path points, weight matching with ``wm_restarts``
+    restarts, activation matching on ``am_examples`` training inputs, and the STE."""
+
+    grid: int = 13
+    wm_restarts: int = 3
+    am_examples: int = 2000
+    ste: SteSettings = SteSettings(steps=100, lr=1e-3, batch=128, optimizer="adam")
+
+
+@dataclass(frozen=True)
 class RebasinConfig:
     dataset: str = "digits"
     seed: int = 0
@@ -103,13 +114,7 @@ class RebasinConfig:
     mlp_ratio: int = 2
     patch: int = 2
     pairs: int = 3
-    grid: int = 13
-    wm_restarts: int = 3
-    am_examples: int = 2000
-    ste_steps: int = 100
-    ste_lr: float = 1e-3
-    ste_batch: int = 128
-    ste_optimizer: str = "adam"
+    match: MatchSettings = MatchSettings()
     train: TrainConfig = _adamw(15, 64)
     lm: LMConfig = LMConfig()
 
@@ -118,10 +123,8 @@ SIZES = {
     "quick": RebasinConfig(
         widths=(8, 16),
         pairs=1,
-        grid=5,
-        wm_restarts=1,
-        am_examples=500,
-        ste_steps=10,
+        match=MatchSettings(grid=5, wm_restarts=1, am_examples=500,
+                            ste=SteSettings(steps=10, lr=1e-3, batch=128, optimizer="adam")),
         train=_adamw(3, 64),
         lm=LMConfig(
             dim=16,
@@ -146,11 +149,8 @@ SIZES = {
         mlp_ratio=2,
         patch=4,
         pairs=5,
-        grid=25,
-        wm_restarts=5,
-        am_examples=5000,
-        ste_steps=1000,
-        ste_batch=256,
+        match=MatchSettings(grid=25, wm_restarts=5, am_examples=5000,
+                            ste=SteSettings(steps=1000, lr=1e-3, batch=256, optimizer="adam")),
         train=_adamw(100, 128, lr=1e-3),
         lm=LMConfig(
             vocab=16,
@@ -247,20 +247,6 @@ def vit_config(dataset: str, input_shape: tuple[int, ...], num_classes: int, wid
 # measurement
 
 
-@dataclass(frozen=True)
-class MatchSettings:
-    """How a pair is aligned and measured (the config fields a pair's job reads)."""
-
-    grid: int
-    wm_restarts: int
-    am_examples: int
-    ste_steps: int
-    ste_lr: float
-    ste_batch: int
-    ste_optimizer: str
-    seed: int  # the pair's index: seeds weight matching and the STE
-
-
 def headless(spec: PermutationSpec) -> PermutationSpec:
     """``spec`` without its head structure (no blocks, no head classes): units move freely across heads."""
     return PermutationSpec(spec.axes, spec.shapes)
@@ -285,45 +271,32 @@ def measure_pair(
     x_am: Tensor,
     x_fn: Tensor,
     s: MatchSettings,
+    seed: int,
 ) -> dict:
     """Align θ_b to θ_a by every method of ``METHODS`` and measure each path θ_a → P(θ_b).
 
     ``model`` is what the losses are computed with (inputs ``splits[...][0]``, the STE's data
     ``splits["train"]``); ``plain`` the architecture ``spec`` belongs to, run on ``x_am`` (activation
-    matching) and ``x_fn`` (function errors). Returns ``{"methods": {name: {"barriers", "function_error",
-    "t", "curves"}}, "endpoints": {...}, "timing_s": {...}, ...}`` (JSON-able).
+    matching) and ``x_fn`` (function errors); ``seed`` (the pair's index) seeds weight matching and the
+    STE. Returns ``{"methods": {name: {"barriers", "function_error", "t", "curves"}}, "endpoints": {...},
+    "timing_s": {...}, ...}`` (JSON-able).
     """
     x_tr, y_tr = splits["train"]
     timing: dict[str, float] = {}
     perms: dict[str, tuple[PermutationSpec, Permutation]] = {"naive": (spec, Permutation.identity(spec))}
     t0 = time.perf_counter()
     flat = headless(spec)
-    perms["wm-headless"] = (flat, weight_matching(flat, pa, pb, seed=s.seed, restarts=s.wm_restarts).perm)
+    perms["wm-headless"] = (flat, weight_matching(flat, pa, pb, seed=seed, restarts=s.wm_restarts).perm)
     timing["wm-headless"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    wm = weight_matching(spec, pa, pb, seed=s.seed, restarts=s.wm_restarts)
+    wm = weight_matching(spec, pa, pb, seed=seed, restarts=s.wm_restarts)
     perms["wm"] = (spec, wm.perm)
     timing["wm"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     perms["am"] = (spec, activation_matching(plain, spec, pa, pb, x_am[: s.am_examples]).perm)
     timing["am"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ste = ste_matching(
-        model,
-        spec,
-        pa,
-        pb,
-        x_tr,
-        y_tr,
-        steps=s.ste_steps,
-        lr=s.ste_lr,
-        batch_size=s.ste_batch,
-        optimizer=s.ste_optimizer,
-        seed=s.seed,
-        init=wm.perm,
-        rematch_every=5,
-        eval_every=max(1, s.ste_steps // 4),
-    )
+    ste = s.ste.run(model, spec, pa, pb, x_tr, y_tr, seed=seed, init=wm.perm)
     perms["ste"] = (spec, ste.perm)
     timing["ste"] = time.perf_counter() - t0
     out: dict = {"methods": {}, "timing_s": timing, "wm_objective": wm.objective, "ste_best_step": ste.best_step}
@@ -358,6 +331,7 @@ class ViTPairArgs:
     b: Endpoint
     data: DataRef
     match: MatchSettings
+    pair: int  # the pair's index: seeds weight matching and the STE
     width: int
 
 
@@ -367,8 +341,8 @@ def vit_pair_job(args: ViTPairArgs, ctx: JobContext) -> dict:
     spec = spec_for(model)
     pa, pb = ctx.endpoints([args.a, args.b])
     splits = {"train": (data.x_train, data.y_train), "test": (data.x_test, data.y_test)}
-    out = measure_pair(model, model, spec, pa, pb, splits, data.x_train, data.x_test, args.match)
-    _log(ctx, f"ViT dim {args.width:4d} pair {args.match.seed}", out)
+    out = measure_pair(model, model, spec, pa, pb, splits, data.x_train, data.x_test, args.match, args.pair)
+    _log(ctx, f"ViT dim {args.width:4d} pair {args.pair}", out)
     return out
 
 
@@ -384,6 +358,7 @@ class LMPairArgs:
     data_seed: int
     seeds: tuple[int, int]  # initialisation and data-order seeds of θ_a and θ_b
     match: MatchSettings
+    pair: int  # the pair's index: seeds weight matching and the STE
 
 
 def lm_data(args: LMPairArgs) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -418,9 +393,9 @@ def lm_pair_job(args: LMPairArgs, ctx: JobContext) -> dict:
         pa, pb = ({k: v.to(ctx.dev) for k, v in p.items()} for p in trained)
         dev = ctx.dev
         splits = {"train": (tok_tr.to(dev), lab_tr.to(dev)), "test": (tok_te.to(dev), lab_te.to(dev))}
-        out = measure_pair(model, plain, spec, pa, pb, splits, x_tr.to(dev), x_te.to(dev), args.match)
+        out = measure_pair(model, plain, spec, pa, pb, splits, x_tr.to(dev), x_te.to(dev), args.match, args.pair)
     out["timing_s"]["train"] = t_train
-    _log(ctx, f"causal LM dim {args.model['dim']} pair {args.match.seed}", out)
+    _log(ctx, f"causal LM dim {args.model['dim']} pair {args.pair}", out)
     return out
 
 
@@ -435,17 +410,11 @@ def _log(ctx: JobContext, what: str, out: dict) -> None:
     )
 
 
-def _settings(cfg: RebasinConfig, pair: int) -> MatchSettings:
-    return MatchSettings(
-        cfg.grid, cfg.wm_restarts, cfg.am_examples, cfg.ste_steps, cfg.ste_lr, cfg.ste_batch, cfg.ste_optimizer, pair
-    )
-
-
 def rebasin_jobs(cfg: RebasinConfig, data) -> list[Job]:
     """The causal LM pairs first (they train their own endpoints: the longest jobs), then every ViT pair."""
     validate.integer("pairs", cfg.pairs)
     validate.integer("lm.pairs", cfg.lm.pairs, minimum=0)
-    validate.integer("grid", cfg.grid, minimum=2)
+    validate.integer("match.grid", cfg.match.grid, minimum=2)
     if not validate.integers("widths", cfg.widths):
         raise ValueError("widths is empty: give at least one ViT width")
     lm = cfg.lm
@@ -474,7 +443,8 @@ def rebasin_jobs(cfg: RebasinConfig, data) -> list[Job]:
                     lm.test_sequences,
                     lm.data_seed,
                     seeds,
-                    _settings(cfg, pair),
+                    cfg.match,
+                    pair,
                 ),
             )
         )
@@ -486,7 +456,7 @@ def rebasin_jobs(cfg: RebasinConfig, data) -> list[Job]:
             jobs.append(
                 Job(
                     vit_pair_job,
-                    ViTPairArgs(mcfg, eps[2 * pair], eps[2 * pair + 1], data.ref, _settings(cfg, pair), width),
+                    ViTPairArgs(mcfg, eps[2 * pair], eps[2 * pair + 1], data.ref, cfg.match, pair, width),
                 )
             )
     return jobs
@@ -508,7 +478,7 @@ def _rows(results: Results) -> tuple[list[dict], list[dict], dict]:
             model, width = "causal LM", args.model["dim"]
         else:
             continue
-        pair = args.match.seed
+        pair = args.pair
         by[model, pair] = res
         for method in METHODS:
             m = res["methods"][method]
@@ -569,7 +539,7 @@ def rebasin_report(cfg: RebasinConfig, results: Results) -> Report:
         "barriers",
         summary,
         title=f"Barriers (mean ± std over pairs): ViTs on {cfg.dataset} (depth {cfg.depth}, {cfg.heads} heads) "
-        f"and the causal LM on the lag task; grid {cfg.grid} points",
+        f"and the causal LM on the lag task; grid {cfg.match.grid} points",
     )
     fn_rows = []
     for model in models:
