@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=None,
                    help="process: worker processes (default: one per usable core); ray: CPUs of a local instance")
     r.add_argument("--address", default=None, help="ray: the cluster to join (e.g. auto)")
+    r.add_argument("--targets-at-once", type=int, default=1, metavar="N",
+                   help="several targets: run up to N at a time, each in its own process with the other options "
+                        "(the same results as one after another; --workers is then per target; the targets' own "
+                        "progress bars are off, a line reports each finished target; default 1)")
     align.add_parser(sub)
     rep = sub.add_parser("report", help="build the results site (one folder) or compare two runs (two folders)")
     rep.add_argument("results", nargs="*", type=Path, default=None,
@@ -115,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --workers is for --executor process or ray (local runs the jobs in this process)",
               file=sys.stderr)
         return 2
+    if args.targets_at_once < 1:
+        print(f"error: --targets-at-once must be >= 1, got {args.targets_at_once}", file=sys.stderr)
+        return 2
+    if args.targets_at_once > 1 and len(targets) == 1:
+        print("error: --targets-at-once is for several targets (name more than one, or --all)", file=sys.stderr)
+        return 2
     if args.address is not None and args.executor != "ray":
         print("error: --address is for --executor ray", file=sys.stderr)
         return 2
@@ -138,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.targets_at_once > 1:
+        return _run_concurrently(targets, args, size, overrides)
     failed = []
     for t in targets:
         opts = RunOptions(size=size, dataset=args.dataset, seed=args.seed, overrides=overrides, device=args.device,
@@ -150,6 +162,36 @@ def main(argv: list[str] | None = None) -> int:
             failed.append(t.name)
             if len(targets) == 1:
                 return 1
+    if failed:
+        print(f"error: {len(failed)} of {len(targets)} targets failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_concurrently(targets, args: argparse.Namespace, size: str, overrides) -> int:
+    from .runner.concurrent import longest_first, run_concurrently
+    from .runner.config import config_for
+    from .runner.run import default_out, output_name
+
+    child = ["--size", size, "--device", args.device, "--executor", args.executor]
+    for flag, value in (("--data-dir", args.data_dir), ("--out", args.out), ("--seed", args.seed),
+                        ("--cache-dir", args.cache_dir), ("--dataset", args.dataset), ("--workers", args.workers),
+                        ("--address", args.address)):
+        if value is not None:
+            child += [flag, str(value)]
+    for s in args.overrides:
+        child += ["--set", s]
+    child.append("--no-progress")  # a child's output is printed when it finishes; the progress is one line per target
+    out_root = args.out if args.out is not None else default_out(size)
+    folders = []
+    for t in targets:
+        try:
+            folders.append(Path(out_root) / output_name(t, config_for(t, size, args.dataset, args.seed, overrides)))
+        except (ValueError, KeyError, TypeError) as e:
+            print(f"error: {t.name}: {e}", file=sys.stderr)
+            return 2
+    order = longest_first([t.name for t in targets], folders)
+    failed = run_concurrently(order, child, args.targets_at_once)
     if failed:
         print(f"error: {len(failed)} of {len(targets)} targets failed: {', '.join(failed)}", file=sys.stderr)
         return 1

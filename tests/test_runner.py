@@ -616,3 +616,60 @@ def test_an_edit_of_reference_during_a_run_is_refused(tmp_path, monkeypatch):
             ex.close()
     JobContext(device="cpu", cache_dir=str(tmp_path), code=code_version()).check_code()  # unchanged: no error
     JobContext(device="cpu", cache_dir=str(tmp_path)).check_code()  # no version recorded: unchecked
+
+
+# --- several targets at once ----------------------------------------------------------------------------------
+def test_targets_at_once_give_the_same_sets_as_one_after_another(tmp_path):
+    """``--targets-at-once 2`` runs each target in its own process: the output sets equal those of a run one
+    after another (fresh caches both; the two targets train the same endpoints at the same time, into one
+    cache), and the log holds each target's whole output once."""
+    seq = _cli(tmp_path / "seq", "toy", "toy-mono")
+    assert seq.returncode == 0, seq.stderr
+    par = _cli(tmp_path / "par", "toy", "toy-mono", "--targets-at-once", "2")
+    assert par.returncode == 0, par.stderr + par.stdout
+    for name in ("toy", "toy-mono"):
+        assert _table(tmp_path / "seq", name) == _table(tmp_path / "par", name)
+        assert par.stdout.count(f"== {name}: claims ==") == 1
+    assert "2 targets in" in par.stdout and "2 at a time" in par.stdout
+    assert _endpoints(tmp_path / "par") == 2 and not list((tmp_path / "par" / "out").glob(".staging/*"))
+
+
+def test_targets_at_once_report_a_failed_target_and_refuse_one_target(tmp_path):
+    bad = _cli(tmp_path, "toy", "toy-mono", "--targets-at-once", "2", env=_env(TOY_FAIL="1"))
+    assert bad.returncode == 1
+    assert "FAILED (exit status 1)" in bad.stdout and "toy job 1 fails on purpose" in bad.stdout
+    assert "2 of 2 targets failed" in bad.stderr
+    one = _cli(tmp_path, "toy", "--targets-at-once", "2")
+    assert one.returncode == 2 and "--targets-at-once is for several targets" in one.stderr
+    zero = _cli(tmp_path, "toy", "toy-mono", "--targets-at-once", "0")
+    assert zero.returncode == 2 and "must be >= 1" in zero.stderr
+
+
+def test_targets_at_once_start_the_longest_first(tmp_path):
+    from repro.runner.concurrent import longest_first
+
+    for name, secs in (("a", 5.0), ("b", 50.0)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "provenance.json").write_text(json.dumps({"wall_time_s": secs}))
+    names = ["a", "b", "c"]  # c has never run: it may be the longest
+    assert longest_first(names, [tmp_path / n for n in names]) == ["c", "b", "a"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_targets_at_once_end_with_the_main_process(tmp_path, sig):
+    """The target processes (and their jobs) end when the command is killed."""
+    pidfile = tmp_path / "pids"
+    cmd = [sys.executable, "-m", "repro", "run", "toy", "toy-mono", "--targets-at-once", "2", "--set", "sleep=120",
+           "--set", "jobs=1", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    p = subprocess.Popen(cmd, env=_env(TOY_PIDFILE=str(pidfile)), cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, timeout=120)
+        children = [int(x) for x in pidfile.read_text().split()]
+        assert len(set(children)) == 2 and all(_alive(c) for c in children)
+        p.send_signal(sig)
+        p.wait(30)
+        _wait_for(lambda: not any(_alive(c) for c in children), timeout=15)
+    finally:
+        if p.poll() is None:
+            p.kill()
