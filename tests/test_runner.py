@@ -480,15 +480,21 @@ def test_workers_end_with_the_main_process(tmp_path, sig):
     pidfile = tmp_path / "pids"
     cmd = [sys.executable, "-m", "repro", "run", "toy", "--set", "sleep=120", "--executor", "process", "--workers",
            "2", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    _kill_and_check_the_job_processes_end(cmd, sig, pidfile)
+
+
+def _kill_and_check_the_job_processes_end(cmd: list[str], sig: int, pidfile: Path) -> None:
+    """Start ``cmd``, wait until two processes wrote their pid into ``pidfile`` from a job, send ``sig`` to
+    the command and check that both processes end."""
     p = subprocess.Popen(cmd, env=_env(TOY_PIDFILE=str(pidfile)), cwd=ROOT, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         _wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, timeout=120)
-        workers = [int(x) for x in pidfile.read_text().split()]
-        assert all(_alive(w) for w in workers)
+        pids = [int(x) for x in pidfile.read_text().split()]
+        assert len(set(pids)) == 2 and all(_alive(w) for w in pids)
         p.send_signal(sig)
         p.wait(30)
-        _wait_for(lambda: not any(_alive(w) for w in workers), timeout=15)
+        _wait_for(lambda: not any(_alive(w) for w in pids), timeout=15)
     finally:
         if p.poll() is None:
             p.kill()
@@ -661,15 +667,4 @@ def test_targets_at_once_end_with_the_main_process(tmp_path, sig):
     pidfile = tmp_path / "pids"
     cmd = [sys.executable, "-m", "repro", "run", "toy", "toy-mono", "--targets-at-once", "2", "--set", "sleep=120",
            "--set", "jobs=1", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
-    p = subprocess.Popen(cmd, env=_env(TOY_PIDFILE=str(pidfile)), cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        _wait_for(lambda: pidfile.exists() and len(pidfile.read_text().split()) == 2, timeout=120)
-        children = [int(x) for x in pidfile.read_text().split()]
-        assert len(set(children)) == 2 and all(_alive(c) for c in children)
-        p.send_signal(sig)
-        p.wait(30)
-        _wait_for(lambda: not any(_alive(c) for c in children), timeout=15)
-    finally:
-        if p.poll() is None:
-            p.kill()
+    _kill_and_check_the_job_processes_end(cmd, sig, pidfile)

@@ -13,10 +13,8 @@ output set.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -24,15 +22,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .executors import die_with_parent
+
 __all__ = ["longest_first", "run_concurrently"]
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-        except OSError:
-            pass
 
 
 def last_wall_time(folder: Path) -> float | None:
@@ -69,7 +61,7 @@ def run_concurrently(names: Sequence[str], child_args: Sequence[str], at_once: i
                 log = tempfile.TemporaryFile(mode="w+", prefix=f"repro-{name}-", suffix=".log")
                 cmd = [sys.executable, "-m", "repro", "run", name, *child_args]
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, preexec_fn=_die_with_parent)
+                                        env=env, preexec_fn=die_with_parent)
                 running.append((name, proc, log, time.perf_counter()))
             time.sleep(0.2)
             for item in [r for r in running if r[1].poll() is not None]:

@@ -91,12 +91,17 @@ def _watch_parent(parent: int) -> None:
         time.sleep(0.5)
 
 
-def _init_worker(threads: int, parent: int) -> None:
+def die_with_parent() -> None:
+    """On Linux, ask the kernel to kill this process when the process that forked it dies."""
     if sys.platform.startswith("linux"):
-        try:  # the kernel kills this worker when the process that forked it dies
+        try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
         except OSError:
             pass
+
+
+def _init_worker(threads: int, parent: int) -> None:
+    die_with_parent()
     if os.getppid() != parent:  # the parent died before prctl took effect
         os._exit(1)
     threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
