@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run_concurrently(targets, args: argparse.Namespace, size: str, overrides) -> int:
     from .runner.concurrent import longest_first, run_concurrently
     from .runner.config import config_for
-    from .runner.run import default_out, output_name
+    from .runner.run import default_out, output_name, recorded_wall_time
 
     child = ["--size", size, "--device", args.device, "--executor", args.executor]
     for flag, value in (("--data-dir", args.data_dir), ("--out", args.out), ("--seed", args.seed),
@@ -190,7 +190,9 @@ def _run_concurrently(targets, args: argparse.Namespace, size: str, overrides) -
         except (ValueError, KeyError, TypeError) as e:
             print(f"error: {t.name}: {e}", file=sys.stderr)
             return 2
-    order = longest_first([t.name for t in targets], folders)
+    cache_dir = args.cache_dir or default_cache_dir()
+    recorded = [recorded_wall_time(cache_dir, f.name, size) for f in folders]
+    order = longest_first([t.name for t in targets], folders, recorded)
     failed = run_concurrently(order, child, args.targets_at_once)
     if failed:
         print(f"error: {len(failed)} of {len(targets)} targets failed: {', '.join(failed)}", file=sys.stderr)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -659,6 +660,30 @@ def test_targets_at_once_start_the_longest_first(tmp_path):
         (tmp_path / name / "provenance.json").write_text(json.dumps({"wall_time_s": secs}))
     names = ["a", "b", "c"]  # c has never run: it may be the longest
     assert longest_first(names, [tmp_path / n for n in names]) == ["c", "b", "a"]
+    # a time recorded in the cache comes first (a's output set may be from a run served by the cache)
+    assert longest_first(names, [tmp_path / n for n in names], [90.0, None, 1.0]) == ["a", "b", "c"]
+    with pytest.raises(ValueError, match="3 names, 3 folders and 2 recorded"):
+        longest_first(names, [tmp_path / n for n in names], [1.0, 2.0])
+
+
+def test_the_cache_records_each_targets_wall_time_for_the_next_fresh_out(tmp_path):
+    """A run that computed something records its wall time in the cache (a run served whole from the cache
+    leaves the record alone), and ``--targets-at-once`` orders a new ``--out`` by it."""
+    from repro.runner.run import record_wall_time, recorded_wall_time
+
+    cache = tmp_path / "cache"
+    assert recorded_wall_time(cache, "toy", "cpu") is None
+    assert _cli(tmp_path, "toy", "--set", "sleep=0.5").returncode == 0
+    first = recorded_wall_time(cache, "toy", "cpu")
+    assert first is not None and first >= 0.5
+    record_wall_time(cache, "toy", "cpu", 1234.0)  # stands for a long run; the cached rerun keeps it
+    assert _cli(tmp_path, "toy", "--set", "sleep=0.5").returncode == 0
+    assert recorded_wall_time(cache, "toy", "cpu") == 1234.0
+    record_wall_time(cache, "toy-mono", "cpu", 5678.0)
+    shutil.rmtree(tmp_path / "out")  # a new --out: no output set to read a time from
+    run = _cli(tmp_path, "toy", "toy-mono", "--targets-at-once", "2")
+    assert run.returncode == 0, run.stderr
+    assert "longest first: toy-mono, toy)" in run.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

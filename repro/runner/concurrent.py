@@ -4,9 +4,10 @@ Each target runs in its own ``python -m repro run TARGET`` child process with th
 so it computes exactly what it computes when run alone (the same executor, threads, cache keys and output set;
 the cache and the output folders already allow concurrent runs: atomic writes, one lock per output set, stale
 files removed only when their process is gone). At most ``N`` children run at a time; the longest targets start
-first (by the wall time in the output set they last wrote; a target without one counts as the longest). A
-child's output is kept in a temporary file and printed whole when it finishes, so the log reads as if the
-targets had run one after another, in the order they finished. Children die with this process (on Linux the
+first (by the wall time each took the last time it computed anything, recorded in the cache, else the one in the
+output set it last wrote; a target with neither counts as the longest). A child's output is kept in a
+temporary file and printed whole when it finishes, so the log reads as if the targets had run one after
+another, in the order they finished. Children die with this process (on Linux the
 kernel kills them when it does; on Ctrl-C they are terminated), and a killed child leaves its previous complete
 output set.
 """
@@ -35,10 +36,16 @@ def last_wall_time(folder: Path) -> float | None:
         return None
 
 
-def longest_first(names: Sequence[str], folders: Sequence[Path]) -> list[str]:
-    """``names`` ordered by the last recorded wall time of their output set, longest first (unknown first;
-    ties keep the given order)."""
-    times = [last_wall_time(f) for f in folders]
+def longest_first(names: Sequence[str], folders: Sequence[Path],
+                  recorded: Sequence[float | None] | None = None) -> list[str]:
+    """``names`` ordered longest first by an estimate of their wall time: ``recorded[i]`` (the time the
+    target took the last time it computed anything, kept in the cache: ``repro.runner.run.recorded_wall_time``)
+    where given and known, else the wall time in the output set it last wrote (``folders[i]``); unknown
+    first; ties keep the given order."""
+    rec = list(recorded) if recorded is not None else [None] * len(names)
+    if len(rec) != len(names) or len(folders) != len(names):
+        raise ValueError(f"{len(names)} names, {len(folders)} folders and {len(rec)} recorded times")
+    times = [r if r is not None else last_wall_time(f) for r, f in zip(rec, folders, strict=True)]
     order = sorted(range(len(names)), key=lambda i: (times[i] is not None, -(times[i] or 0.0), i))
     return [names[i] for i in order]
 

@@ -36,7 +36,8 @@ from .executors import make_executor
 from .output import Staging, check_writable, clean_stale, lock
 from .util import config_hash, jsonable
 
-__all__ = ["RESULTS", "RunOptions", "default_cache_dir", "default_out", "run_target", "TrainGroup"]
+__all__ = ["RESULTS", "RunOptions", "default_cache_dir", "default_out", "record_wall_time", "recorded_wall_time",
+           "run_target", "TrainGroup"]
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 
@@ -117,6 +118,27 @@ class _Log:
     def __call__(self, msg: str) -> None:
         self.lines.append(msg)
         print(f"{self.prefix}{msg}", flush=True)
+
+
+def _wall_time_path(cache_dir: Path, name: str, size: str) -> Path:
+    return Path(cache_dir) / "wall-times" / f"{name}.{size}.json"
+
+
+def record_wall_time(cache_dir: Path, name: str, size: str, seconds: float) -> None:
+    """Remember how long output set ``name`` took at ``size`` the last time it computed anything (its
+    cumulative wall time over resumed invocations), for ``--targets-at-once`` to start the longest first even
+    when ``--out`` is new. Written atomically; an estimate for scheduling only, never a result."""
+    path = _wall_time_path(cache_dir, name, size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(json.dumps({"wall_time_s": round(float(seconds), 2)}), path)
+
+
+def recorded_wall_time(cache_dir: Path, name: str, size: str) -> float | None:
+    """The wall time ``record_wall_time`` last stored for (``name``, ``size``), or None."""
+    try:
+        return float(json.loads(_wall_time_path(cache_dir, name, size).read_text())["wall_time_s"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 class _Clock:
@@ -220,6 +242,8 @@ def run_target(t: Target, opts: RunOptions) -> dict[str, Any]:
             staging.discard()
             raise
         clock.done()
+        if stats["run"] or stats["endpoints_trained"]:  # a run served whole from the cache says nothing of the cost
+            record_wall_time(cache_dir, name, opts.size, prov["cumulative_wall_time_s"])
         print(f"\nwrote {final} ({prov['wall_time_s']} s; {prov['cumulative_wall_time_s']} s over "
               f"{clock.invocations} invocation(s))", flush=True)
         return summary
