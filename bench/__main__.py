@@ -101,13 +101,30 @@ def parse_goals(out: str) -> list[tuple[str, str, str, str]]:
     return found
 
 
+def parse_whys(out: str) -> list[tuple[str, str, str]]:
+    """``(goal, case, text)`` of every line ``why: GOAL [CASE]: TEXT`` in ``out``: what a benchmark measured
+    about why a goal it printed as missed is missed."""
+    found = []
+    for line in out.splitlines():
+        m = re.match(r"why: (.*?) \[(.*?)\]: (.*)$", line.strip())
+        if m:
+            found.append((m[1], m[2], m[3]))
+    return found
+
+
 def goals_table(rows) -> list[str]:
-    """The Markdown table of every goal line the benchmarks printed (none: an empty list)."""
+    """The Markdown table of every goal line the benchmarks printed (none: an empty list), then the ``why:``
+    lines of the missed ones, one bullet each."""
     goals = [g for _, _, out, _, _ in rows for g in parse_goals(out)]
     if not goals:
         return []
-    return ["| goal | case | measured | |", "|---|---|---|---|",
-            *(f"| {g} | {case} | {measured} | {verdict} |" for g, case, measured, verdict in goals)]
+    whys = [w for _, _, out, _, _ in rows for w in parse_whys(out)]
+    lines = ["| goal | case | measured | |", "|---|---|---|---|",
+             *(f"| {g} | {case} | {measured} | {verdict} |" for g, case, measured, verdict in goals)]
+    if whys:
+        lines += ["", "Where a goal is missed, what its benchmark measured about why (its `why:` lines):", "",
+                  *(f"- {g} [{case}]: {text}" for g, case, text in whys)]
+    return lines
 
 
 def parse_peaks(out: str) -> list[tuple[str, str, str]]:

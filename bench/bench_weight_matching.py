@@ -4,7 +4,7 @@ On the two models of issue #18 (a random-init MLP 784-512×3-10 and two digits M
 from different seeds), side by side in one process, the median of ``--repeats`` interleaved runs:
 
 - ``rebasin 0.0.47``: ``PermutationCoordinateDescent(model_a, model_b, x).rebasin()`` (graph tracing
-  included), when it imports (``pip install --no-deps rebasin==0.0.47 torchview``); its group order
+  included), when it imports (``pip install --no-deps rebasin==0.0.47 torchview graphviz``); its group order
   comes from ``torch.randperm`` after ``torch.manual_seed(0)``;
 - ``plain loop``: Algorithm 1 written from scratch for MLPs (a loop over the hidden layers, one cost
   matrix each from the layer's incoming weights, bias and outgoing weights, scipy's assignment), with
@@ -14,9 +14,15 @@ from different seeds), side by side in one process, the median of ``--repeats`` 
   one-pass start ``init="greedy"``.
 
 Printed: seconds, J − J(identity) (J = Σ⟨θ_a, P(θ_b)⟩ over every entry, float64), the passes, and each
-time as a ratio to the peer's and to the plain loop's (> 1: faster than it).
+time as a ratio to the peer's and to the plain loop's (> 1: faster than it). Then J over ``--seeds`` order
+seeds (ours: ``seed=s``; the peer: ``torch.manual_seed(s)``), with ``peer_cost_loop``: the peer's
+coordinate ascent re-written with the cost its permutation graph builds (each layer's incoming weight
+counted four times, its outgoing weight twice, no bias term: 0.0.47 lists every entry of a permutation's
+parameters twice, and the product of two 1-D biases adds a constant to its cost matrix), which gives the
+peer's J to float32 rounding. The goal compares the seed-0 times and the mean J over the seeds; a missed
+goal prints a ``why:`` line with what it measured.
 
-    python bench/bench_weight_matching.py [--device cpu|cuda] [--repeats 3] [--tiny]
+    python bench/bench_weight_matching.py [--device cpu|cuda] [--repeats 3] [--seeds 8] [--tiny]
 """
 
 from __future__ import annotations
@@ -69,14 +75,44 @@ def plain_loop(a: dict, b: dict, depth: int, seed: int = 0, max_passes: int = 10
     return {f"P_{i}": p for i, p in enumerate(perm)}
 
 
-def peer(model: torch.nn.Module, a: dict, b: dict, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """snimu/rebasin 0.0.47's coordinate descent; returns its permuted θ_b."""
+def peer_cost_loop(a: dict, b: dict, depth: int, seed: int = 0, max_passes: int = 100) -> dict[str, torch.Tensor]:
+    """snimu/rebasin 0.0.47's coordinate descent on an MLP, from scratch: its order (``torch.randperm`` after
+    ``torch.manual_seed(seed)``), its float32 costs, and its cost matrix for hidden layer i,
+    ``4 W_i^a (W_i^b P_{i-1}^T)^T + 2 (W_{i+1}^a)^T P_{i+1} W_{i+1}^b`` (its graph lists each weight of the
+    permutation twice, the incoming one twice more, and a bias adds the constant ``⟨b_i^a, b_i^b⟩``); it
+    keeps every solve's answer and stops after a pass without progress, as 0.0.47 does."""
+    w = [(a[f"layers.{i}.weight"].float(), b[f"layers.{i}.weight"].float()) for i in range(depth)]
+    w.append((a["head.weight"].float(), b["head.weight"].float()))
+    perm = [torch.arange(wa.shape[0]) for wa, _ in w[:depth]]
+    torch.manual_seed(seed)
+    for _ in range(max_passes):
+        progress = False
+        for i in (int(i) for i in torch.randperm(depth)):
+            wa, wb = w[i]
+            if i > 0:
+                wb = wb[:, perm[i - 1]]
+            na, nb = w[i + 1]
+            if i + 1 < depth:
+                nb = nb[perm[i + 1]]
+            S = (4 * (wa @ wb.T) + 2 * (na.T @ nb)).cpu().numpy()
+            _, col = linear_sum_assignment(S, maximize=True)
+            rows = np.arange(len(col))
+            progress = progress or bool(S[rows, col].sum() > S[rows, perm[i].numpy()].sum() + 1e-12)
+            perm[i] = torch.as_tensor(col)
+        if not progress:
+            break
+    return {f"P_{i}": p for i, p in enumerate(perm)}
+
+
+def peer(model: torch.nn.Module, a: dict, b: dict, x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
+    """snimu/rebasin 0.0.47's coordinate descent, its order drawn after ``torch.manual_seed(seed)``; returns its
+    permuted θ_b."""
     from rebasin import PermutationCoordinateDescent
 
     ma, mb = copy.deepcopy(model), copy.deepcopy(model)
     ma.load_state_dict(a)
     mb.load_state_dict(b)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     PermutationCoordinateDescent(ma, mb, x).rebasin()
     return {k: v.detach() for k, v in mb.state_dict().items()}
 
@@ -92,7 +128,9 @@ def have_peer() -> bool:
 def main() -> None:
     ap = bench_parser(__doc__, repeats=3, device="cpu")
     ap.add_argument("--epochs", type=int, default=20, help="training epochs of the digits MLPs")
+    ap.add_argument("--seeds", type=int, default=8, help="order seeds for the objectives (default 8; --tiny: 2)")
     args = ap.parse_args()
+    seeds = range(2 if args.tiny else max(1, args.seeds))
     dev = devices(args.device)[-1]
     width, depth_r, depth_t, epochs = (8, 2, 2, 1) if args.tiny else (512, 3, 4, args.epochs)
     print(versions())
@@ -140,20 +178,27 @@ def main() -> None:
             vs_peer = (f"{med['rebasin 0.0.47'] / med[name]:7.2f}x" if "rebasin 0.0.47" in med else "      -")
             print(f"  {name:<24} {med[name]:9.3f} {j - j0:10.2f} {passes if passes is not None else '-':>6} "
                   f"{vs_peer:>8} {med['plain loop (scipy)'] / med[name]:8.2f}x")
-        objective = {name: score(out[name])[0] for name, (_, score) in runs.items()}
-        for name in ("ours, identity start", "ours, init='greedy'"):
-            if "rebasin 0.0.47" in med:
-                speed, ok_j = med["rebasin 0.0.47"] / med[name], objective[name] >= objective["rebasin 0.0.47"]
-                print(f"goal: weight matching >= 2x rebasin 0.0.47 with J >= its own [{label}, {name}]: "
-                      f"{speed:.2f}x, J - J(id) {objective[name] - j0:.2f} vs {objective['rebasin 0.0.47'] - j0:.2f}: "
-                      f"{'met' if speed >= 2 and ok_j else 'MISSED'}")
-            speed = med["plain loop (scipy)"] / med[name]
-            print(f"goal: weight matching never slower than the plain loop [{label}, {name}]: {speed:.2f}x: "
-                  f"{'met' if speed >= 1 else 'MISSED'}")
-        ours = runs["ours, identity start"][0]
-        print(peak_line(f"{label}: ours, identity start (similarity products only; the assignment solves are not "
-                        f"counted)", dev, counted_flops(ours), med["ours, identity start"], torch.float64))
-        if "rebasin 0.0.47" in med:  # how much of the identity start's time its assignment solves take
+        # J over the order seeds: the peer, its cost re-written, ours from the identity and from the greedy start
+        methods: dict[str, Callable[[int], float]] = {}
+        if "rebasin 0.0.47" in runs:
+            score_peer = runs["rebasin 0.0.47"][1]
+            methods["rebasin 0.0.47"] = lambda s, m=m, a=a, b=b, x=xd, f=score_peer: f(peer(m, a, b, x, s))[0]
+        methods["peer's cost, emulated"] = lambda s, spec=spec, a=a, b=b, d=depth: weight_matching_objective(
+            spec, a, b, Permutation(peer_cost_loop(a, b, d, s), spec))
+        for name, kw in (("ours, identity start", {}), ("ours, init='greedy'", {"init": "greedy"})):
+            methods[name] = lambda s, spec=spec, a=a, b=b, kw=kw: weight_matching(spec, a, b, seed=s, **kw).objective
+        js = {name: [fn(s) - j0 for s in seeds] for name, fn in methods.items()}
+        mean = {name: statistics.mean(v) for name, v in js.items()}
+        print(f"  J - J(id) over order seeds {seeds[0]}-{seeds[-1]} (ours: seed=s; the peer: torch.manual_seed(s)):")
+        same = None
+        for name, v in js.items():
+            note = ""
+            if name == "peer's cost, emulated" and "rebasin 0.0.47" in js:
+                same = sum(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for x, y in zip(v, js["rebasin 0.0.47"], strict=True))
+                note = f"  the peer's J on {same} of {len(v)} seeds (to 1e-3 relative)"
+            print(f"    {name:<24} mean {mean[name]:8.2f}  [{min(v):.2f}, {max(v):.2f}]{note}")
+        solve_s = {}
+        for name, kw in (("ours, identity start", {}), ("ours, init='greedy'", {"init": "greedy"})):
             solve, spent = SOLVERS[fastest_solver()], []
 
             def timed(S, solve=solve, spent=spent):
@@ -162,10 +207,33 @@ def main() -> None:
                 spent.append(time.perf_counter() - t0)
                 return col
 
-            weight_matching(spec, a, b, seed=0, solver=timed)
-            print(f"  ours, identity start: its {len(spent)} assignment solves ({fastest_solver()}) alone take "
-                  f"{sum(spent):.3f} s; 2x the peer is {med['rebasin 0.0.47'] / 2:.3f} s in all")
-
+            weight_matching(spec, a, b, seed=0, solver=timed, **kw)
+            solve_s[name] = (len(spent), sum(spent))
+        for name in ("ours, identity start", "ours, init='greedy'"):
+            if "rebasin 0.0.47" in med:
+                goal = f"weight matching >= 2x rebasin 0.0.47 with J >= its own [{label}, {name}]"
+                speed, ok_j = med["rebasin 0.0.47"] / med[name], mean[name] >= mean["rebasin 0.0.47"]
+                print(f"goal: {goal}: {speed:.2f}x, mean J - J(id) {mean[name]:.2f} vs {mean['rebasin 0.0.47']:.2f} "
+                      f"({len(seeds)} seeds): {'met' if speed >= 2 and ok_j else 'MISSED'}")
+                why = []
+                if speed < 2:
+                    n, t = solve_s[name]
+                    why.append(f"{speed:.2f}x: its {n} assignment solves ({fastest_solver()}) alone take {t:.3f} s of "
+                               f"the {med['rebasin 0.0.47'] / 2:.3f} s that 2x the peer allows (the rest: "
+                               f"{med[name] - t:.3f} s)")
+                if not ok_j:
+                    why.append(f"J {mean[name]:.2f} < {mean['rebasin 0.0.47']:.2f}: the peer does not optimise "
+                               f"Algorithm 1's J but its own cost (each incoming weight 4x, each outgoing weight "
+                               f"2x, no bias), re-written as `peer_cost_loop` it gives the peer's J on {same} of "
+                               f"{len(seeds)} seeds; on this case that cost's local optima have the higher J")
+                if why:
+                    print(f"why: {goal}: " + "; ".join(why))
+            speed = med["plain loop (scipy)"] / med[name]
+            print(f"goal: weight matching never slower than the plain loop [{label}, {name}]: {speed:.2f}x: "
+                  f"{'met' if speed >= 1 else 'MISSED'}")
+        ours = runs["ours, identity start"][0]
+        print(peak_line(f"{label}: ours, identity start (similarity products only; the assignment solves are not "
+                        f"counted)", dev, counted_flops(ours), med["ours, identity start"], torch.float64))
 
 if __name__ == "__main__":
     main()

@@ -58,6 +58,19 @@ def test_only_rewrites_its_sections_and_keeps_the_others(tmp_path, monkeypatch):
     assert "9.99x" not in text and text.index("## one") < text.index("## two")
 
 
+def test_a_missed_goals_why_lines_follow_the_goals_table(tmp_path, monkeypatch):
+    script = tmp_path / "w.py"
+    script.write_text("print('goal: g [c1]: 0.50x: MISSED')\nprint('why: g [c1]: its solves take 0.4 s of 0.3 s')\n"
+                      "print('goal: g [c2]: 3.00x: met')\n")
+    monkeypatch.setattr(runner, "BENCHES", {"w": (str(script), [], [])})
+    out = tmp_path / "R.md"
+    assert runner.main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    goals = out.read_text().split("## Goals", 1)[1].split("\n## ", 1)[0]
+    assert "| g | c1 | 0.50x | **missed** |" in goals and "| g | c2 | 3.00x | met |" in goals
+    assert goals.index("| g | c2 |") < goals.index("- g [c1]: its solves take 0.4 s of 0.3 s")
+    assert runner.parse_whys("why: g [c1]: x: y") == [("g", "c1", "x: y")]
+
+
 def test_counted_flops_are_the_products_forward_and_backward():
     import torch
 
