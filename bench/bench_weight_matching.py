@@ -117,6 +117,36 @@ def peer(model: torch.nn.Module, a: dict, b: dict, x: torch.Tensor, seed: int = 
     return {k: v.detach() for k, v in mb.state_dict().items()}
 
 
+def assignment_solvers() -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """Every assignment solver that imports here, maximising ``S``: ours by name (``SOLVERS``), and src-d's
+    ``lapjv`` package (``pip install lapjv``; not a dependency) in double precision and in its default, which
+    computes in float32."""
+    found = {f"SOLVERS[{n!r}]": f for n, f in SOLVERS.items()}
+    try:
+        import lapjv
+    except ImportError:
+        return found
+    found["lapjv 1.3 (force_doubles)"] = lambda S: lapjv.lapjv(np.ascontiguousarray(-S), force_doubles=True)[0]
+    found["lapjv 1.3 (its default: float32)"] = lambda S: lapjv.lapjv(np.ascontiguousarray(-S))[0]
+    return found
+
+
+def compare_solvers(costs: list[np.ndarray]) -> None:
+    """Time every solver of ``assignment_solvers`` on ``costs`` (the similarity matrices of one run, in
+    order) and check each against scipy's optimum (the assignment's sum within 1e-9 relative)."""
+    if not costs:
+        return
+    best = [S[np.arange(len(S)), linear_sum_assignment(S, maximize=True)[1]].sum() for S in costs]
+    print(f"  the {len(costs)} assignment problems of 'ours, identity start', each solver on all of them:")
+    for name, solve in assignment_solvers().items():
+        t0 = time.perf_counter()
+        cols = [solve(S) for S in costs]
+        dt = time.perf_counter() - t0
+        exact = sum(abs(S[np.arange(len(S)), c].sum() - v) <= 1e-9 * max(1.0, abs(v))
+                    for S, c, v in zip(costs, cols, best, strict=True))
+        print(f"    {name:<34} {dt:7.3f} s   optimal on {exact} of {len(costs)}")
+
+
 def have_peer() -> bool:
     try:
         import rebasin  # noqa: F401
@@ -197,18 +227,21 @@ def main() -> None:
                 same = sum(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for x, y in zip(v, js["rebasin 0.0.47"], strict=True))
                 note = f"  the peer's J on {same} of {len(v)} seeds (to 1e-3 relative)"
             print(f"    {name:<24} mean {mean[name]:8.2f}  [{min(v):.2f}, {max(v):.2f}]{note}")
-        solve_s = {}
+        solve_s, costs = {}, []
         for name, kw in (("ours, identity start", {}), ("ours, init='greedy'", {"init": "greedy"})):
             solve, spent = SOLVERS[fastest_solver()], []
 
-            def timed(S, solve=solve, spent=spent):
+            def timed(S, solve=solve, spent=spent, keep=costs if not kw else None):
                 t0 = time.perf_counter()
                 col = solve(S)
                 spent.append(time.perf_counter() - t0)
+                if keep is not None:
+                    keep.append(S.copy())
                 return col
 
             weight_matching(spec, a, b, seed=0, solver=timed, **kw)
             solve_s[name] = (len(spent), sum(spent))
+        compare_solvers(costs)
         for name in ("ours, identity start", "ours, init='greedy'"):
             if "rebasin 0.0.47" in med:
                 goal = f"weight matching >= 2x rebasin 0.0.47 with J >= its own [{label}, {name}]"
