@@ -112,9 +112,17 @@ def parse_whys(out: str) -> list[tuple[str, str, str]]:
     return found
 
 
-def goals_table(rows) -> list[str]:
-    """The Markdown table of every goal line the benchmarks printed (none: an empty list), then the ``why:``
-    lines of the missed ones, one bullet each."""
+TIMING = ROOT / "repro" / "results" / "TIMING.md"
+"""The suite's timing tables (``python -m repro.timing``): its ``goal:`` and ``why:`` lines (the whole suite's
+goal of issue #18) join the goals table after the benchmarks' own."""
+
+
+def goals_table(rows, timing: Path | None = None) -> list[str]:
+    """The Markdown table of every goal line the benchmarks printed and then ``timing``'s (default ``TIMING``;
+    none: an empty list), then the ``why:`` lines of the missed ones, one bullet each."""
+    timing = TIMING if timing is None else timing
+    if timing.exists():
+        rows = [*rows, ("timing", [], timing.read_text(), 0.0, 0)]
     goals = [g for _, _, out, _, _ in rows for g in parse_goals(out)]
     if not goals:
         return []
@@ -198,7 +206,9 @@ def write(path: Path, rows, device: str, tiny: bool, kept: tuple[str, ...] = (),
     goals = goals_table(rows)
     if goals:
         lines += ["## Goals", "", "Each line a benchmark printed as `goal: ...` (the ratio it measured and whether it "
-                  "meets the goal of issue #18):", "", *goals, ""]
+                  "meets the goal of issue #18); the whole suite's goal comes from the `goal:` line of "
+                  "`repro/results/TIMING.md`, where its measurements are (`python -m repro.timing`, not run by "
+                  "`python -m bench`):", "", *goals, ""]
     peaks = peaks_table(rows)
     if peaks:
         lines += ["## Fraction of the device's peak", "",

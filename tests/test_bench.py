@@ -71,6 +71,18 @@ def test_a_missed_goals_why_lines_follow_the_goals_table(tmp_path, monkeypatch):
     assert runner.parse_whys("why: g [c1]: x: y") == [("g", "c1", "x: y")]
 
 
+def test_the_suites_goal_comes_from_the_timing_file(tmp_path):
+    rows = [("b", [], "goal: g [c]: 1.00x: met", 1.0, 0)]
+    timing = tmp_path / "TIMING.md"
+    assert runner.goals_table(rows, timing)[2:] == ["| g | c | 1.00x | met |"]  # no file: the benchmarks' goals
+    timing.write_text("text\n```\ngoal: suite 2x [quick]: 1.76x: MISSED\nwhy: suite 2x [quick]: training\n```\n")
+    table = runner.goals_table(rows, timing)
+    assert table[2:4] == ["| g | c | 1.00x | met |", "| suite 2x | quick | 1.76x | **missed** |"]
+    assert table[-1] == "- suite 2x [quick]: training"
+    committed = runner.goals_table([])  # the committed TIMING.md carries the suite's goal
+    assert any("whole suite >= 2x" in line for line in committed)
+
+
 def test_counted_flops_are_the_products_forward_and_backward():
     import torch
 
