@@ -20,9 +20,11 @@ import json
 import platform
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
+from reference.checkpoint import atomic_write_text
 from reference.data import Dataset
 from reference.models import build_model, init_params
 from reference.train import pick_device, train_many
@@ -121,8 +123,7 @@ def main() -> None:
              "The smallest of two repeats is kept.", "",
              "| target | dataset | endpoint groups | estimated hours | measured steps |", "|---|---|---|---|---|"]
     lines += [f"| {n} | {d} | {g} | {h / 3600:.2f} | {parts} |" for n, d, g, h, parts in rows]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines) + "\n")
+    atomic_write_text("\n".join(lines) + "\n", Path(args.out))  # a killed run leaves the previous table
     print(f"wrote {args.out}")
 
 
