@@ -91,25 +91,21 @@ NOT_MEASURED = (
 )
 
 
+def _matches(out: str, pattern: str) -> list[tuple[str, ...]]:
+    """The groups of ``pattern`` in every line of ``out`` it matches (stripped), in order."""
+    return [m.groups() for line in out.splitlines() if (m := re.match(pattern, line.strip()))]
+
+
 def parse_goals(out: str) -> list[tuple[str, str, str, str]]:
     """``(goal, case, measured, verdict)`` of every line ``goal: GOAL [CASE]: MEASURED: VERDICT`` in ``out``."""
-    found = []
-    for line in out.splitlines():
-        m = re.match(r"goal: (.*?) \[(.*?)\]: (.*): (met|MISSED)$", line.strip())
-        if m:
-            found.append((m[1], m[2], m[3], m[4] if m[4] == "met" else "**missed**"))
-    return found
+    return [(g, case, measured, verdict if verdict == "met" else "**missed**")
+            for g, case, measured, verdict in _matches(out, r"goal: (.*?) \[(.*?)\]: (.*): (met|MISSED)$")]
 
 
 def parse_whys(out: str) -> list[tuple[str, str, str]]:
     """``(goal, case, text)`` of every line ``why: GOAL [CASE]: TEXT`` in ``out``: what a benchmark measured
     about why a goal it printed as missed is missed."""
-    found = []
-    for line in out.splitlines():
-        m = re.match(r"why: (.*?) \[(.*?)\]: (.*)$", line.strip())
-        if m:
-            found.append((m[1], m[2], m[3]))
-    return found
+    return _matches(out, r"why: (.*?) \[(.*?)\]: (.*)$")
 
 
 TIMING = ROOT / "repro" / "results" / "TIMING.md"
@@ -138,12 +134,7 @@ def goals_table(rows, timing: Path | None = None) -> list[str]:
 def parse_peaks(out: str) -> list[tuple[str, str, str]]:
     """``(case, device, measured)`` of every line ``peak: [CASE, DEVICE]: MEASURED`` in ``out``
     (``harness.peak_line``)."""
-    found = []
-    for line in out.splitlines():
-        m = re.match(r"peak: \[(.*), ([^,\]]*(?:\([^)]*\))?)\]: (.*)$", line.strip())
-        if m:
-            found.append((m[1], m[2], m[3]))
-    return found
+    return _matches(out, r"peak: \[(.*), ([^,\]]*(?:\([^)]*\))?)\]: (.*)$")
 
 
 def peaks_table(rows) -> list[str]:
