@@ -129,6 +129,23 @@ def linear_path(a: Mapping[str, Tensor], b: Mapping[str, Tensor], num_points: in
     return t, combine_batch(coeffs, [a, b])
 
 
+def mid_loss_barriers(
+    model: nn.Module, pairs: list[tuple[Mapping[str, Tensor], Mapping[str, Tensor]]], x: Tensor, y: Tensor, grid: int
+) -> list[float]:
+    """The ``mid`` loss barrier on (x, y) of the straight path a → b of every pair, all ``len(pairs) × grid``
+    points in one ``evaluate_points`` call (a BatchNorm net's statistics recomputed on ``x`` at every point
+    first, ``recompute_bn_stats_batched``): ``max_t L(t) − ½ (L(0) + L(1))`` per pair, in float64 from the
+    float32 losses; NaN for a path with a NaN loss. No pairs: ``[]``."""
+    if not pairs:
+        return []
+    pts = [linear_path(a, b, grid)[1] for a, b in pairs]
+    st = {k: torch.cat([p[k] for p in pts]) for k in pts[0]}
+    if has_batchnorm(model):
+        st = recompute_bn_stats_batched(model, st, x)
+    loss = evaluate_points(model, st, x, y).loss.view(len(pairs), grid).double()
+    return [float(row.max() - 0.5 * (row[0] + row[-1])) for row in loss]
+
+
 def evaluate_path(
     model: nn.Module,
     t: Tensor,

@@ -153,6 +153,33 @@ def test_evaluate_path_recomputes_batchnorm_statistics_when_asked() -> None:
         evaluate_path(model, t, pts, {})
 
 
+def test_mid_loss_barriers_of_many_pairs_equal_each_paths_own() -> None:
+    """``mid_loss_barriers``: one evaluation of every pair's straight path gives each pair's ``mid`` train-loss
+    barrier (BatchNorm statistics recomputed at every point, as ``evaluate_path(..., recompute_bn=True)``);
+    a path through a NaN point has a NaN barrier; no pairs, no evaluation."""
+    from reference.barrier import mid_loss_barriers
+    from reference.models import build_model, init_params
+
+    g = torch.Generator().manual_seed(0)
+    mlp = {"name": "mlp", "in_features": 6, "widths": [8], "num_classes": 3}
+    vgg = {"name": "vgg", "in_channels": 1, "channels": [4, 4], "num_classes": 3, "norm": "batch", "dims": 1}
+    for cfg, x in ((mlp, torch.randn(40, 6, generator=g)), (vgg, torch.randn(40, 1, 12, generator=g))):
+        model = build_model(cfg)
+        y = torch.randint(0, 3, (40,), generator=g)
+        ms = [init_params(model, s) for s in range(3)]
+        pairs = [(ms[0], ms[1]), (ms[1], ms[2]), (ms[2], ms[2])]
+        got = mid_loss_barriers(model, pairs, x, y, 5)
+        for (a, b), value in zip(pairs, got, strict=True):
+            t, pts = linear_path(a, b, 5)
+            pe = evaluate_path(model, t, pts, {"train": (x, y)}, recompute_bn=True)
+            assert value == pytest.approx(barrier(pe.curves["train"]["loss"], t, "mid").value, rel=1e-6, abs=1e-7)
+        assert abs(got[2]) < 1e-6  # a path from a model to itself
+    bad = {k: v.clone() for k, v in ms[1].items()}
+    bad[next(k for k in bad if k.endswith("weight"))].fill_(float("nan"))
+    assert np.isnan(mid_loss_barriers(model, [(ms[0], bad)], x, y, 3)[0])
+    assert mid_loss_barriers(model, [], x, y, 5) == []
+
+
 # --- non-finite points: NaN loss *and* NaN error, never a finite error rate ------------------------
 
 def _points_with_a_broken_one(bad: float):

@@ -28,9 +28,7 @@ import itertools
 import time
 from dataclasses import dataclass
 
-import torch
-
-from reference.barrier import linear_path
+from reference.barrier import mid_loss_barriers
 from reference.bn import has_batchnorm, recompute_bn_stats_batched
 from reference.evaluate import evaluate_points
 from reference.matching import weight_matching
@@ -107,19 +105,6 @@ def _evaluate(model, pts: list[dict], x, y, bn_x) -> object:
     return evaluate_points(model, st, x, y)
 
 
-def _mid_barriers(model, pairs: list[tuple[dict, dict]], x, y, grid: int) -> list[float]:
-    """Train-loss barriers (mid) of the straight paths a → b for every pair (BatchNorm nets: a BN reset at
-    every point), in one vmapped evaluation."""
-    if not pairs:
-        return []
-    pts = [linear_path(a, b, grid)[1] for a, b in pairs]
-    st = {k: torch.cat([p[k] for p in pts]) for k in pts[0]}
-    if has_batchnorm(model):
-        st = recompute_bn_stats_batched(model, st, x)
-    loss = evaluate_points(model, st, x, y).loss.view(len(pairs), grid).double()
-    return [float(row.max() - 0.5 * (row[0] + row[-1])) for row in loss]
-
-
 class _Paths:
     """The barrier paths of one job, each asked for as (model i, model j, P) — the path θ_i → P(θ_j) —
     and each distinct one evaluated once: the six methods share many maps (star's P_0j are pairwise's,
@@ -143,7 +128,7 @@ class _Paths:
         """Every distinct path's barrier, ``per_call`` paths per evaluation (the points of one call are
         held at once)."""
         return [b for s in range(0, len(self.pairs), per_call)
-                for b in _mid_barriers(model, self.pairs[s : s + per_call], x, y, grid)]
+                for b in mid_loss_barriers(model, self.pairs[s : s + per_call], x, y, grid)]
 
 
 def _universes(spec, models: list, seed: int, fw_iters: int) -> tuple[dict, dict, dict, dict]:

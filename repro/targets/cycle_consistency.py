@@ -19,9 +19,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
-import torch
-
-from reference.barrier import linear_path
+from reference.barrier import mid_loss_barriers
 from reference.evaluate import evaluate_points
 from reference.matching import weight_matching
 from reference.merge import merge_many, pairwise_from_universe, universe_alignment
@@ -59,16 +57,6 @@ SIZES = {
                          cycles=CycleSettings(grid=25, max_triples=10, max_pairs=10),
                          train=TrainConfig(epochs=100, batch_size=500, lr=1e-3, optimizer="adam", schedule="constant")),
 }
-
-
-def _mid_barriers(model, pairs: list[tuple[dict, dict]], x, y, grid: int) -> list[float]:
-    """Train-loss barriers (mid) of the straight paths a → b for every pair, in one vmapped evaluation."""
-    if not pairs:
-        return []
-    pts = [linear_path(a, b, grid)[1] for a, b in pairs]
-    st = {k: torch.cat([p[k] for p in pts]) for k in pts[0]}
-    loss = evaluate_points(model, st, x, y).loss.view(len(pairs), grid).double()
-    return [float(row.max() - 0.5 * (row[0] + row[-1])) for row in loss]
 
 
 def _maps(method: str, spec, models: list, seed: int) -> tuple[dict, dict]:
@@ -122,8 +110,8 @@ def cycle_job(args: CycleArgs, ctx: JobContext) -> dict:
         m = evaluate_points(model, stack([merged]), data.x_test, data.y_test)
         out[method] = {
             "nontransitivity": fr,
-            "cycle_barrier": _mid_barriers(model, cyc_pairs, x, y, args.cycles.grid),
-            "pair_barrier": _mid_barriers(model, al_pairs, x, y, args.cycles.grid),
+            "cycle_barrier": mid_loss_barriers(model, cyc_pairs, x, y, args.cycles.grid),
+            "pair_barrier": mid_loss_barriers(model, al_pairs, x, y, args.cycles.grid),
             "merged_test_accuracy": float(m.accuracy[0]), "merged_test_loss": float(m.loss[0]),
         }
     members = evaluate_points(model, stack(models), data.x_test, data.y_test)
