@@ -134,16 +134,16 @@ def mid_loss_barriers(
 ) -> list[float]:
     """The ``mid`` loss barrier on (x, y) of the straight path a → b of every pair, all ``len(pairs) × grid``
     points in one ``evaluate_points`` call (a BatchNorm net's statistics recomputed on ``x`` at every point
-    first, ``recompute_bn_stats_batched``): ``max_t L(t) − ½ (L(0) + L(1))`` per pair, in float64 from the
-    float32 losses; NaN for a path with a NaN loss. No pairs: ``[]``."""
+    first, ``recompute_bn_stats_batched``): ``barrier(L, t, "mid").value`` per pair (NaN for a path with a NaN
+    loss). No pairs: ``[]``."""
     if not pairs:
         return []
-    pts = [linear_path(a, b, grid)[1] for a, b in pairs]
-    st = {k: torch.cat([p[k] for p in pts]) for k in pts[0]}
+    paths = [linear_path(a, b, grid) for a, b in pairs]
+    st = {k: torch.cat([p[k] for _, p in paths]) for k in paths[0][1]}
     if has_batchnorm(model):
         st = recompute_bn_stats_batched(model, st, x)
-    loss = evaluate_points(model, st, x, y).loss.view(len(pairs), grid).double()
-    return [float(row.max() - 0.5 * (row[0] + row[-1])) for row in loss]
+    loss = evaluate_points(model, st, x, y).loss.view(len(pairs), grid)
+    return [barrier(row, paths[0][0], "mid").value for row in loss]
 
 
 def evaluate_path(
